@@ -1,0 +1,152 @@
+"""What every kernel family provides.
+
+A family lives in one folder, ``mlagen/families/<name>/``, and its ``__init__.py`` holds its whole story:
+the parameter space and constraints, the argument layout (:mod:`mlagen.abi`), the launch geometry,
+the template binding (``templates/<name>.py.j2`` and the context it is rendered with), a float64/float32
+numpy reference, and how to make test problems.  Nothing here imports the CuTe DSL: the runtime uses
+the same family object on GPU hosts where the DSL is absent.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..abi import ArgLayout
+
+
+class ParamError(ValueError):
+    """Invalid kernel parameters; raised before any source is written or compiled."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    choices: tuple | None = None
+    lo: float | None = None
+    hi: float | None = None
+    doc: str = ""
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    def coerce(self, v: Any) -> Any:
+        t = self.type
+        if isinstance(v, str) and t is not str:
+            if t is bool:
+                if v.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if v.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ParamError(f"parameter '{self.name}': expected a boolean, got {v!r}")
+            try:
+                v = float(v) if t is float else int(v, 0)
+            except ValueError:
+                raise ParamError(f"parameter '{self.name}': expected {t.__name__}, got {v!r}") from None
+        if t is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise ParamError(f"parameter '{self.name}': expected {t.__name__}, got {type(v).__name__} {v!r}")
+        if self.choices is not None and v not in self.choices:
+            raise ParamError(f"parameter '{self.name}'={v!r} is not one of {list(self.choices)}")
+        if self.lo is not None and v < self.lo:
+            raise ParamError(f"parameter '{self.name}'={v!r} is below its minimum {self.lo}")
+        if self.hi is not None and v > self.hi:
+            raise ParamError(f"parameter '{self.name}'={v!r} is above its maximum {self.hi}")
+        return v
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            dom = "{" + ", ".join(map(str, self.choices)) + "}"
+        elif self.lo is not None or self.hi is not None:
+            dom = f"[{self.lo}, {self.hi}]"
+        else:
+            dom = self.type.__name__
+        return f"{self.name}={self.default!r} in {dom}" + (f"  {self.doc}" if self.doc else "")
+
+
+# Shared-memory budgets (bytes, per CTA, opt-in maximum) by architecture.
+SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_100a": 227 * 1024}
+ARCHES = tuple(SMEM_LIMIT)
+
+
+class Family:
+    name: str = ""
+    doc: str = ""
+    template: str = ""                 # file name under templates/
+    params: tuple[Param, ...] = ()
+    # Names of the parameters that fix the shapes a bundle serves (the rest are tuning knobs).
+    shape_params: tuple[str, ...] = ()
+
+    # ---------------- parameters ----------------
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise ParamError(f"{self.name}: unknown parameter '{name}'; known: {[p.name for p in self.params]}")
+
+    def validate(self, given: Mapping[str, Any] | None = None, arch: str = "sm_90a") -> dict:
+        """Coerce and check ``given`` over the defaults; raise ParamError naming every violation."""
+        given = dict(given or {})
+        for k in given:
+            self.param(k)
+        p = {q.name: q.coerce(given.get(q.name, q.default)) for q in self.params}
+        if arch not in ARCHES:
+            raise ParamError(f"arch '{arch}' is not supported; choose one of {list(ARCHES)}")
+        errs = list(self.constraints(p, arch))
+        smem = self.smem_bytes(p)
+        if smem > SMEM_LIMIT[arch]:
+            errs.append(f"needs {smem} bytes of shared memory per CTA, over the {SMEM_LIMIT[arch]} of {arch}")
+        bx, by, bz = self.block(p)
+        if bx * by * bz > 1024 or bx * by * bz < 1:
+            errs.append(f"block of {bx}x{by}x{bz} threads is outside 1..1024")
+        if errs:
+            raise ParamError(f"{self.name}: invalid parameters {p}:\n  - " + "\n  - ".join(errs))
+        return p
+
+    def constraints(self, p: dict, arch: str) -> list[str]:
+        return []
+
+    # ---------------- geometry and layout (shared by codegen and runtime) ----------------
+    def layout(self, p: dict) -> ArgLayout:
+        raise NotImplementedError
+
+    def block(self, p: dict) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def smem_bytes(self, p: dict) -> int:
+        return 0
+
+    def grid(self, p: dict, dims: Mapping[str, int]) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def template_context(self, p: dict, arch: str) -> dict:
+        return {}
+
+    def kernel_name(self, p: dict) -> str:
+        """A readable, unique, file-name-safe name for this configuration."""
+        h = hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.name}_{h}"
+
+    # ---------------- performance model ----------------
+    def bytes_moved(self, p: dict, dims: Mapping[str, int]) -> int:
+        return 0
+
+    def flops(self, p: dict, dims: Mapping[str, int]) -> int:
+        return 0
+
+    def describe(self) -> str:
+        lines = [f"{self.name}: {self.doc}"]
+        lines += ["    " + q.describe() for q in self.params]
+        return "\n".join(lines)
+
+
+@dataclass
+class Problem:
+    """One test/benchmark instance: numpy inputs (already rounded to the kernel's dtypes) and sizes."""
+    dims: dict
+    inputs: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)

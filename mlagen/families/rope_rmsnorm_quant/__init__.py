@@ -1,0 +1,312 @@
+"""rope_rmsnorm_quant: MLA's fused RoPE + RMSNorm + quantization of new latent tokens into a paged cache.
+
+For every new token t of a ragged batch (sequence b with ``input_row_offsets[b] <= t < input_row_offsets[b+1]``)
+at absolute position ``pos = cache_lengths[b] + t - input_row_offsets[b]``:
+
+* ``q_rope_out[t, h] = rope(q_rope[t, h], pos)`` for every head h;
+* the latent row ``kv_input[t] = [c (kv_lora_rank) | k_rope (rope_dim)]`` becomes
+  ``[rmsnorm(c) * gamma | rope(k_rope, pos)]`` and is written to
+  ``kv_cache[layer_idx, page_table[b, pos // page_size], pos % page_size, 0, :]``,
+  as bf16, or as fp8 e4m3 with one float32 scale per ``quant_granularity`` elements
+  (``scale = amax / 448``; stored in ``kv_scales``, paged like the cache).
+
+RoPE: ``freqs_cis[pos]`` holds (cos_i, sin_i) pairs for i < rope_dim/2; ``rope_layout`` chooses which
+elements form pair i: ``interleaved`` = (2i, 2i+1) (DeepSeek's original), ``half`` = (i, i + rope_dim/2) (NeoX).
+
+Work decomposition: one warp per token; grid.y = ``head_splits`` CTAs share a token's q heads, split 0
+also writes the cache row.  A lane owns 8 contiguous rope elements (16 bytes) of ``32 / (rope_dim/8)``
+heads per pass and 16 latent elements (two 16-byte chunks, lane and lane+32) of the cache row; the RMS
+sum and the fp8 block amax are warp shuffles.  The token's sequence is found by a binary search over the
+row offsets.  In the kernel, a token whose position is past ``freqs_cis`` or whose page index is out of
+range writes nothing; the host-side content check (on by default in ``Kernel.__call__``) reports them.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ...abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, Sym, TensorArg
+from ...numerics import FP8_E4M3_MAX, NP_DTYPE, quantize_fp8, round_to
+from ..base import Family, Param, Problem
+
+
+class RopeRMSNormQuant(Family):
+    name = "rope_rmsnorm_quant"
+    template = "rope_rmsnorm_quant.py.j2"
+    doc = "MLA fused RoPE + RMSNorm + bf16/fp8 quantization of new latent tokens into a paged KV cache"
+    params = (
+        Param("kv_lora_rank", 512, choices=(256, 512, 768, 1024), doc="latent width (RMS-normalised)"),
+        Param("rope_dim", 64, choices=(32, 64, 128), doc="rotary width"),
+        Param("num_heads", 128, lo=1, hi=1024, doc="q heads (128 for DeepSeek-V3, 16 per GPU at TP8)"),
+        Param("page_size", 64, lo=1, hi=4096, doc="tokens per cache page"),
+        Param("cache_dtype", "bf16", choices=("bf16", "f8e4m3"), doc="cache element type"),
+        Param("quant_granularity", 64, choices=(8, 16, 32, 64, 128, 320, 576, 1088, 1152),
+              doc="elements per fp8 scale: a divisor of rope_dim (multiple of 8) or the whole row"),
+        Param("rope_layout", "interleaved", choices=("interleaved", "half"), doc="rotary pair layout"),
+        Param("gamma_dtype", "bf16", choices=("bf16", "f32"), doc="RMSNorm weight dtype"),
+        Param("tokens_per_cta", 4, choices=(1, 2, 4, 8, 16), doc="warps (tokens) per CTA"),
+        Param("head_splits", 1, choices=(1, 2, 4, 8, 16, 32), doc="CTAs along y sharing a token's q heads"),
+        Param("q_unroll", 4, choices=(1, 2, 4, 8), doc="q rope passes whose loads are issued together"),
+    )
+    shape_params = ("kv_lora_rank", "rope_dim", "num_heads", "page_size", "cache_dtype", "quant_granularity",
+                    "rope_layout", "gamma_dtype")
+
+    # ---------------- parameters ----------------
+    def constraints(self, p, arch):
+        errs = []
+        d = p["kv_lora_rank"] + p["rope_dim"]
+        rl = p["rope_dim"] // 8
+        hpw = 32 // rl
+        if p["num_heads"] % p["head_splits"]:
+            errs.append(f"head_splits={p['head_splits']} does not divide num_heads={p['num_heads']}")
+        else:
+            hs = p["num_heads"] // p["head_splits"]
+            if hs % hpw:
+                errs.append(f"heads per split ({hs}) must be a multiple of {hpw} (a warp covers {hpw} heads of "
+                            f"rope_dim={p['rope_dim']}); lower head_splits")
+            elif (hs // hpw) % p["q_unroll"]:
+                errs.append(f"q_unroll={p['q_unroll']} must divide the {hs // hpw} q passes per lane")
+        if p["cache_dtype"] == "f8e4m3":
+            g = p["quant_granularity"]
+            if not (g == d or (g % 8 == 0 and p["rope_dim"] % g == 0)):
+                errs.append(f"quant_granularity={g} must be {d} (one scale per token) or a multiple of 8 "
+                            f"dividing rope_dim={p['rope_dim']}")
+        return errs
+
+    def validate(self, given=None, arch="sm_90a"):
+        p = super().validate(given, arch)
+        if p["cache_dtype"] == "bf16":
+            p["quant_granularity"] = self.param("quant_granularity").default   # unused: one bundle per config
+        return p
+
+    def row(self, p) -> int:
+        return p["kv_lora_rank"] + p["rope_dim"]
+
+    def nblocks(self, p) -> int:
+        return self.row(p) // p["quant_granularity"]
+
+    # ---------------- layout and geometry ----------------
+    def layout(self, p) -> ArgLayout:
+        d, r, h, ps = self.row(p), p["rope_dim"], p["num_heads"], p["page_size"]
+        cdt = p["cache_dtype"]
+        nb = self.nblocks(p)
+        syms = {s.name: s for s in [
+            Sym("B1", 32, doc="batch + 1 (row offsets)"),
+            Sym("T", 32, doc="new tokens in the ragged batch"),
+            Sym("sqt", 64, 8, "q_rope token stride"), Sym("sqh", 64, 8, "q_rope head stride"),
+            Sym("sot", 64, 8, "q_rope_out token stride"), Sym("soh", 64, 8, "q_rope_out head stride"),
+            Sym("skv", 64, 8, "kv_input token stride"),
+            Sym("P", 32, doc="rows of freqs_cis (max position + 1)"),
+            Sym("L", 32, doc="layers in the cache"), Sym("NP", 32, doc="pages per layer"),
+            Sym("s_layer", 64, 16 // DTYPES[cdt].itemsize, "cache layer stride"),
+            Sym("ss_layer", 64, 1, "scales layer stride"),
+            Sym("B", 32, doc="sequences in the batch"), Sym("MP", 32, doc="max pages per sequence"),
+            Sym("spt", 64, 1, "page table row stride"),
+        ]}
+        args = [
+            TensorArg("input_row_offsets", "u32", ("B1",), (1,), 4, "in", "ragged batch boundaries [B+1]"),
+            TensorArg("q_rope", "bf16", ("T", h, r), ("sqt", "sqh", 1), 16, "in"),
+            TensorArg("q_rope_out", "bf16", ("T", h, r), ("sot", "soh", 1), 16, "out", "may alias q_rope"),
+            TensorArg("kv_input", "bf16", ("T", d), ("skv", 1), 16, "in"),
+            TensorArg("freqs_cis", "f32", ("P", r), (r, 1), 16, "in", "(cos, sin) pairs per position"),
+            TensorArg("gamma", p["gamma_dtype"], (p["kv_lora_rank"],), (1,), 16, "in"),
+            TensorArg("kv_cache", cdt, ("L", "NP", ps, 1, d), ("s_layer", ps * d, d, d, 1), 16, "inout"),
+        ]
+        if cdt == "f8e4m3":
+            args.append(TensorArg("kv_scales", "f32", ("L", "NP", ps, 1, nb), ("ss_layer", ps * nb, nb, nb, 1),
+                                  4, "inout", "fp8 scales, paged like the cache"))
+        args += [
+            TensorArg("page_table", "i32", ("B", "MP"), ("spt", 1), 4, "in"),
+            TensorArg("cache_lengths", "i32", ("B",), (1,), 4, "in", "tokens already cached per sequence"),
+            ScalarArg("layer_idx", "i32"),
+            ScalarArg("eps", "f32"),
+        ]
+        # s_layer is NP*PS*D for a compact cache; any larger stride is fine too.
+        return ArgLayout(syms, args)
+
+    def block(self, p):
+        return (32 * p["tokens_per_cta"], 1, 1)
+
+    def grid(self, p, dims):
+        return (max(1, -(-dims["T"] // p["tokens_per_cta"])), p["head_splits"], 1)
+
+    def template_context(self, p, arch):
+        return dict(cache_cute=DTYPES[p["cache_dtype"]].cute, **p)
+
+    def kernel_name(self, p):
+        g = f"_g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
+        return (f"rope_rmsnorm_quant_{p['cache_dtype']}{g}_{p['rope_layout']}_h{p['num_heads']}"
+                f"_c{p['kv_lora_rank']}r{p['rope_dim']}_ps{p['page_size']}_gm{p['gamma_dtype']}"
+                f"_w{p['tokens_per_cta']}_s{p['head_splits']}_u{p['q_unroll']}")
+
+    def scalar_default(self, p, name):
+        return {"eps": 1e-6}.get(name)
+
+    # ---------------- host-side checks ----------------
+    def check_call(self, p, views, dims, contents: bool = True):
+        k = "rope_rmsnorm_quant"
+        if dims["B1"] != dims["B"] + 1:
+            raise ArgumentError(f"{k}: input_row_offsets has {dims['B1']} entries but page_table/cache_lengths "
+                                f"have B={dims['B']} rows; expected B+1={dims['B'] + 1}")
+        layer = int(views["layer_idx"])
+        if not 0 <= layer < dims["L"]:
+            raise ArgumentError(f"{k}: layer_idx={layer} is outside the cache's {dims['L']} layers")
+        if not contents:
+            return
+        off = _host(views["input_row_offsets"]).astype(np.int64)
+        lens = _host(views["cache_lengths"]).astype(np.int64)
+        pt = _host(views["page_table"])
+        T = dims["T"]
+        if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != T:
+            raise ArgumentError(f"{k}: input_row_offsets must start at 0, never decrease and end at T={T}; "
+                                f"got {off.tolist() if off.size <= 16 else off}")
+        if np.any(lens < 0):
+            raise ArgumentError(f"{k}: cache_lengths has negative entries")
+        end = lens + np.diff(off)                       # positions after this step
+        if np.any(end > dims["P"]):
+            b = int(np.argmax(end > dims["P"]))
+            raise ArgumentError(f"{k}: sequence {b} reaches position {int(end[b]) - 1} but freqs_cis has "
+                                f"{dims['P']} rows")
+        cap = dims["MP"] * p["page_size"]
+        if np.any(end > cap):
+            b = int(np.argmax(end > cap))
+            raise ArgumentError(f"{k}: cache capacity exceeded: sequence {b} needs {int(end[b])} slots but "
+                                f"page_table has {dims['MP']} pages of {p['page_size']}")
+        for b in range(dims["B"]):
+            first, last = lens[b] // p["page_size"], (end[b] - 1) // p["page_size"]
+            if end[b] > lens[b]:
+                pages = pt[b, first:last + 1]
+                bad = (pages < 0) | (pages >= dims["NP"])
+                if np.any(bad):
+                    i = int(np.argmax(bad))
+                    raise ArgumentError(f"{k}: page_table[{b}, {first + i}] = {int(pages[i])} is not a page "
+                                        f"of the cache (0..{dims['NP'] - 1})")
+
+    # ---------------- numbers ----------------
+    def bytes_moved(self, p, dims):
+        T = dims["T"]
+        h, r, d = p["num_heads"], p["rope_dim"], self.row(p)
+        per_tok = h * r * 2 * 2 + d * 2 + d * DTYPES[p["cache_dtype"]].itemsize + 4 * r + 16
+        if p["cache_dtype"] == "f8e4m3":
+            per_tok += 4 * self.nblocks(p)
+        return T * per_tok + p["kv_lora_rank"] * DTYPES[p["gamma_dtype"]].itemsize
+
+    def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
+        """dims: B sequences, S max new tokens each (ragged 1..S unless uniform=1), C max cached tokens,
+        L layers.  Pages are a random permutation; the cache starts as random garbage."""
+        B, S, C = int(dims["B"]), int(dims.get("S", 1)), int(dims.get("C", 100))
+        L = int(dims.get("L", 2))
+        ps, d, r, h = p["page_size"], self.row(p), p["rope_dim"], p["num_heads"]
+        seq = np.full(B, S) if dims.get("uniform", 0) or S == 1 else rng.integers(1, S + 1, B)
+        lens = rng.integers(0, C + 1, B)
+        end = lens + seq
+        need = -(-end // ps)
+        MP = int(need.max()) + 1
+        NP = int(need.sum()) + 3
+        perm = rng.permutation(NP)
+        pt = np.full((B, MP), -1, np.int32)
+        k = 0
+        for b in range(B):
+            pt[b, :need[b]] = perm[k:k + need[b]]
+            k += need[b]
+        off = np.concatenate([[0], np.cumsum(seq)]).astype(np.uint32)
+        T = int(off[-1])
+        P = int(end.max()) + 5
+        inv = 1.0 / (10000.0 ** (np.arange(0, r, 2) / r))
+        ang = np.arange(P)[:, None] * inv[None, :]
+        freqs = np.stack([np.cos(ang), np.sin(ang)], axis=-1).reshape(P, r).astype(np.float32)
+        cdt = p["cache_dtype"]
+        cache = round_to(rng.standard_normal((L, NP, ps, 1, d)), cdt)
+        inputs = dict(
+            input_row_offsets=off,
+            q_rope=round_to(rng.standard_normal((T, h, r)), "bf16"),
+            kv_input=round_to(rng.standard_normal((T, d)) * 1.5, "bf16"),
+            freqs_cis=freqs,
+            gamma=round_to(1.0 + 0.2 * rng.standard_normal(p["kv_lora_rank"]), p["gamma_dtype"]),
+            kv_cache=cache,
+            page_table=pt,
+            cache_lengths=lens.astype(np.int32),
+            layer_idx=L - 1,
+            eps=1e-6,
+        )
+        if cdt == "f8e4m3":
+            inputs["kv_scales"] = rng.uniform(0.5, 2.0, (L, NP, ps, 1, self.nblocks(p))).astype(np.float32)
+        return Problem(dict(T=T, B=B, NP=NP, L=L, P=P, MP=MP), inputs)
+
+    def token_slots(self, p, inputs) -> list[tuple[int, int, int]]:
+        """(token, page, slot) of every new token."""
+        off = inputs["input_row_offsets"].astype(np.int64)
+        out = []
+        for b in range(len(off) - 1):
+            for t in range(off[b], off[b + 1]):
+                pos = int(inputs["cache_lengths"][b]) + t - int(off[b])
+                out.append((t, int(inputs["page_table"][b, pos // p["page_size"]]), pos % p["page_size"]))
+        return out
+
+    def positions(self, inputs) -> np.ndarray:
+        off = inputs["input_row_offsets"].astype(np.int64)
+        pos = np.zeros(int(off[-1]), np.int64)
+        for b in range(len(off) - 1):
+            pos[off[b]:off[b + 1]] = inputs["cache_lengths"][b] + np.arange(off[b + 1] - off[b])
+        return pos
+
+    def _rope(self, p, x, cos, sin):
+        """x [..., r]; cos/sin [..., r/2] broadcastable; same dtype arithmetic as x."""
+        r = p["rope_dim"]
+        if p["rope_layout"] == "interleaved":
+            a, b = x[..., 0::2], x[..., 1::2]
+        else:
+            a, b = x[..., : r // 2], x[..., r // 2:]
+        ya, yb = a * cos - b * sin, b * cos + a * sin
+        y = np.empty_like(x)
+        if p["rope_layout"] == "interleaved":
+            y[..., 0::2], y[..., 1::2] = ya, yb
+        else:
+            y[..., : r // 2], y[..., r // 2:] = ya, yb
+        return y
+
+    def reference(self, p, inputs, precision: str = "f32") -> dict:
+        """Returns q_rope_out, rows [T, D] (the values written per token, in f32/f64 before storage
+        rounding), and for fp8 the quantized rows and scales computed as the kernel does (f32)."""
+        ft = np.float64 if precision == "f64" else np.float32
+        kv, r = p["kv_lora_rank"], p["rope_dim"]
+        pos = self.positions(inputs)
+        fr = inputs["freqs_cis"].astype(ft)[pos]
+        cos, sin = fr[:, 0::2], fr[:, 1::2]
+        q = inputs["q_rope"].astype(ft)
+        q_out = self._rope(p, q, cos[:, None, :], sin[:, None, :])
+        x = inputs["kv_input"].astype(ft)
+        c = x[:, :kv]
+        ms = (np.sum(c.astype(np.float64) ** 2, axis=1) / kv).astype(ft)
+        rr = ft(1.0) / np.sqrt(ms + ft(inputs["eps"]))
+        yn = (c * rr[:, None]) * inputs["gamma"].astype(ft)[None, :]
+        yr = self._rope(p, x[:, kv:], cos, sin)
+        rows = np.concatenate([yn, yr], axis=1)
+        out = {"q_rope_out": q_out, "rows": rows}
+        if p["cache_dtype"] == "f8e4m3":
+            g = p["quant_granularity"]
+            blk = rows.reshape(rows.shape[0], -1, g)
+            amax = np.max(np.abs(blk), axis=2)
+            scale = (np.maximum(amax, ft(1e-30)) / ft(FP8_E4M3_MAX)).astype(ft)
+            qv = blk / scale[:, :, None]
+            out["rows_q"] = quantize_fp8(qv.reshape(rows.shape).astype(np.float32))
+            out["scales"] = scale.astype(np.float32)
+        return out
+
+
+def _host(v) -> np.ndarray:
+    """Copy a device array view to a numpy array (for content checks; synchronises)."""
+    o = v.owner
+    mod = type(o).__module__
+    if mod.startswith("torch"):
+        return o.detach().cpu().numpy()
+    if mod.startswith("cupy"):
+        return o.get()
+    if isinstance(o, np.ndarray):
+        return o
+    raise ArgumentError(f"cannot read {type(o).__name__} on the host for the content check; "
+                        "pass check_contents=False")
+
+
+family = RopeRMSNormQuant()

@@ -1,0 +1,356 @@
+"""Load compiled bundles and launch them through cuda-python.  Needs no CuTe DSL.
+
+    from mlagen import runtime
+    k = runtime.load("build/qk_rmsnorm_bf16_bf16_q1536_k512_t64_r2_ieee.sm_90a")
+    outs = k(q=q, k=kk, gamma_q=gq, gamma_k=gk, qk_var=var, eps=1e-6)      # torch tensors in, out
+    k(q=q, ..., q_out=qo, k_out=ko, stream=torch.cuda.current_stream())    # caller's buffers and stream
+
+Arrays may be torch tensors, any object with ``__cuda_array_interface__`` (CuPy, Numba) or ``__dlpack__``.
+Every argument is checked against the bundle's manifest (dtype, rank, static extents, strides,
+alignment, symbol consistency and ranges, and the family's own checks such as page indices) before
+anything is launched; a failure raises :class:`mlagen.abi.ArgumentError` naming the argument.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import families
+from .abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, TensorArg
+
+MANIFEST = "manifest.json"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DeviceArray:
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]      # in elements
+    dtype: str                    # mlagen dtype name
+    device: int
+    owner: Any = None             # the object the view came from (kept alive)
+
+
+_TORCH_DTYPES = {v.torch: k for k, v in DTYPES.items()}
+_TYPESTR = {v.typestr: k for k, v in DTYPES.items() if v.typestr}
+
+
+def as_device_array(x: Any, name: str = "array") -> DeviceArray:
+    if isinstance(x, DeviceArray):
+        return x
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        if not x.is_cuda:
+            raise ArgumentError(f"argument '{name}': torch tensor is on {x.device}, not a CUDA device")
+        dt = _TORCH_DTYPES.get(str(x.dtype).replace("torch.", ""))
+        if dt is None:
+            raise ArgumentError(f"argument '{name}': torch dtype {x.dtype} is not supported")
+        return DeviceArray(x.data_ptr(), tuple(x.shape), tuple(x.stride()), dt, x.device.index, x)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        dt = _TYPESTR.get(cai["typestr"])
+        if dt is None:
+            raise ArgumentError(f"argument '{name}': typestr {cai['typestr']} is not supported")
+        isz = DTYPES[dt].itemsize
+        shape = tuple(cai["shape"])
+        if cai.get("strides") is None:
+            st, acc = [], 1
+            for d in reversed(shape):
+                st.append(acc)
+                acc *= d
+            strides = tuple(reversed(st))
+        else:
+            if any(s % isz for s in cai["strides"]):
+                raise ArgumentError(f"argument '{name}': byte strides {cai['strides']} are not multiples of {isz}")
+            strides = tuple(s // isz for s in cai["strides"])
+        dev = _device_of_pointer(cai["data"][0])
+        return DeviceArray(int(cai["data"][0]), shape, strides, dt, dev, x)
+    if hasattr(x, "__dlpack__"):
+        try:
+            import torch
+        except ImportError:
+            raise ArgumentError(f"argument '{name}': DLPack arrays need torch installed to be viewed") from None
+        return as_device_array(torch.from_dlpack(x), name)
+    raise ArgumentError(f"argument '{name}': {type(x).__name__} is not a CUDA array "
+                        "(torch tensor, __cuda_array_interface__ or __dlpack__)")
+
+
+def _device_of_pointer(ptr: int) -> int:
+    drv = _driver()
+    err, ordinal = drv.cuPointerGetAttribute(drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
+    _check(err, "cuPointerGetAttribute")
+    return int(ordinal)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver plumbing
+# --------------------------------------------------------------------------------------------
+_DRV = None
+_LOCK = threading.Lock()
+_CTX: dict[int, Any] = {}
+
+
+def _driver():
+    global _DRV
+    if _DRV is None:
+        from cuda.bindings import driver
+        _check(driver.cuInit(0)[0], "cuInit", driver)
+        _DRV = driver
+    return _DRV
+
+
+def _check(err, what: str, drv=None) -> None:
+    drv = drv or _DRV
+    if int(err) != 0:
+        try:
+            _, s = drv.cuGetErrorString(err)
+            s = s.decode() if isinstance(s, bytes) else str(s)
+        except Exception:
+            s = ""
+        raise LaunchError(f"{what} failed: {err!r} {s}")
+
+
+def _use_device(ordinal: int) -> None:
+    """Make the device's primary context current (the one torch and CuPy use)."""
+    drv = _driver()
+    err, cur = drv.cuCtxGetCurrent()
+    if int(err) == 0 and int(cur) != 0:
+        err, dev = drv.cuCtxGetDevice()
+        if int(err) == 0 and int(dev) == ordinal:
+            return
+    with _LOCK:
+        if ordinal not in _CTX:
+            err, dev = drv.cuDeviceGet(ordinal)
+            _check(err, "cuDeviceGet")
+            err, ctx = drv.cuDevicePrimaryCtxRetain(dev)
+            _check(err, "cuDevicePrimaryCtxRetain")
+            _CTX[ordinal] = ctx
+    _check(drv.cuCtxSetCurrent(_CTX[ordinal])[0], "cuCtxSetCurrent")
+
+
+def stream_handle(stream: Any, device: int, torch_inputs: bool) -> int:
+    """The CUstream handle for ``stream``: None means torch's current stream (or the legacy default)."""
+    if stream is None:
+        if torch_inputs:
+            import torch
+            return int(torch.cuda.current_stream(device).cuda_stream)
+        return 0
+    if isinstance(stream, int):
+        return stream
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    if hasattr(stream, "cuda_stream"):       # torch.cuda.Stream
+        return int(stream.cuda_stream)
+    if hasattr(stream, "ptr"):               # cupy.cuda.Stream
+        return int(stream.ptr)
+    try:
+        return int(stream)                   # cuda.bindings CUstream
+    except TypeError:
+        raise ArgumentError(f"stream: cannot use {type(stream).__name__} as a CUDA stream") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+class Kernel:
+    """One compiled bundle, loaded lazily per device."""
+
+    def __init__(self, bundle_dir: str | os.PathLike):
+        self.dir = Path(bundle_dir)
+        mpath = self.dir / MANIFEST
+        if not mpath.exists():
+            raise FileNotFoundError(f"{self.dir}: no {MANIFEST}; build it with `mlagen generate`")
+        self.manifest = json.loads(mpath.read_text())
+        self.name = self.manifest["kernel_name"]
+        self.family = families.get(self.manifest["family"])
+        self.params = self.manifest["params"]
+        self.arch = self.manifest["arch"]
+        self.layout = ArgLayout.from_json(self.manifest["layout"])
+        if self.layout.param_sizes() != self.manifest["param_sizes"]:
+            raise LaunchError(f"{self.name}: manifest layout and PTX parameter sizes disagree")
+        self.block = tuple(self.manifest["block"])
+        self.smem = int(self.manifest["smem_bytes"])
+        self._fn: dict[int, Any] = {}
+        self._mod: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name}, {self.arch})"
+
+    def function(self, device: int):
+        if device not in self._fn:
+            drv = _driver()
+            _use_device(device)
+            data = (self.dir / self.manifest["cubin"]).read_bytes()
+            err, mod = drv.cuModuleLoadData(data)
+            if int(err) != 0:
+                _check(err, f"cuModuleLoadData({self.name}, {self.arch}) on device {device}")
+            err, fn = drv.cuModuleGetFunction(mod, self.manifest["kernel_symbol"].encode())
+            _check(err, f"cuModuleGetFunction({self.manifest['kernel_symbol']})")
+            if self.smem > 48 * 1024:
+                attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+                _check(drv.cuFuncSetAttribute(fn, attr, self.smem)[0], "cuFuncSetAttribute")
+            self._mod[device], self._fn[device] = mod, fn
+        return self._fn[device]
+
+    # ---- argument handling ----
+    def prepare(self, kwargs: Mapping[str, Any], check_contents: bool = True):
+        """Views of all arrays (allocating missing outputs), symbol values and grid.  No launch."""
+        unknown = set(kwargs) - {a.name for a in self.layout.args}
+        if unknown:
+            raise ArgumentError(f"{self.name}: unknown argument(s) {sorted(unknown)}; "
+                                f"expected {[a.name for a in self.layout.args]}")
+        views: dict[str, Any] = {}
+        missing_out = []
+        for a in self.layout.args:
+            if isinstance(a, TensorArg):
+                if kwargs.get(a.name) is None:
+                    if a.io == "out":
+                        missing_out.append(a)
+                        continue
+                    raise ArgumentError(f"{self.name}: missing input '{a.name}'")
+                views[a.name] = as_device_array(kwargs[a.name], a.name)
+            elif isinstance(a, ScalarArg):
+                if a.name not in kwargs:
+                    default = self.family.scalar_default(self.params, a.name) if hasattr(self.family, "scalar_default") else None
+                    if default is None:
+                        raise ArgumentError(f"{self.name}: missing scalar '{a.name}'")
+                    views[a.name] = default
+                else:
+                    views[a.name] = kwargs[a.name]
+        if missing_out:
+            sub = ArgLayout(self.layout.symbols, [a for a in self.layout.args if a.name in views])
+            dims = sub.resolve(views, self.name)
+            first = next(v for v in views.values() if isinstance(v, DeviceArray))
+            for a in missing_out:
+                shape = []
+                for d in a.shape:
+                    if isinstance(d, str) and d not in dims:
+                        raise ArgumentError(f"{self.name}: pass output '{a.name}' (its extent {d} is not "
+                                            "fixed by the inputs)")
+                    shape.append(dims[d] if isinstance(d, str) else d)
+                views[a.name] = as_device_array(_alloc_like(first, tuple(shape), a.dtype), a.name)
+        dims = self.layout.resolve(views, self.name)
+        devs = {v.device for v in views.values() if isinstance(v, DeviceArray)}
+        if len(devs) != 1:
+            raise ArgumentError(f"{self.name}: arrays are on several devices {sorted(devs)}")
+        check = getattr(self.family, "check_call", None)
+        if check is not None:
+            check(self.params, views, dims, contents=check_contents)
+        grid = tuple(int(g) for g in self.family.grid(self.params, dims))
+        return views, dims, grid, devs.pop()
+
+    def __call__(self, stream: Any = None, check_contents: bool = True, **kwargs):
+        """Check, allocate missing outputs, launch; return the output arrays by name.
+
+        ``check_contents`` also reads index arrays (row offsets, page table, lengths) back to the host
+        to report bad page indices or cache overflow before launching; it synchronises, so pass False
+        on hot paths and under CUDA-graph capture.
+        """
+        views, dims, grid, device = self.prepare(kwargs, check_contents)
+        self.launch_prepared(views, grid, device, stream)
+        outs = {a.name: views[a.name].owner for a in self.layout.tensors() if a.io != "in"}
+        return outs
+
+    def launch_prepared(self, views, grid, device, stream=None) -> None:
+        drv = _driver()
+        fn = self.function(device)
+        torch_inputs = any(isinstance(v, DeviceArray) and type(v.owner).__module__.startswith("torch")
+                           for v in views.values())
+        h = stream_handle(stream, device, torch_inputs)
+        if grid[0] * grid[1] * grid[2] == 0:
+            return
+        params, keep = self.layout.pack(views)
+        err, = drv.cuLaunchKernel(fn, grid[0], grid[1], grid[2], self.block[0], self.block[1], self.block[2],
+                                  self.smem, drv.CUstream(h), params, 0)
+        _check(err, f"cuLaunchKernel({self.name}, grid={grid}, block={self.block})")
+        del keep
+
+
+def _alloc_like(ref: DeviceArray, shape: tuple, dtype: str):
+    owner = ref.owner
+    mod = type(owner).__module__
+    if mod.startswith("torch"):
+        import torch
+        return torch.empty(shape, dtype=getattr(torch, DTYPES[dtype].torch), device=owner.device)
+    if mod.startswith("cupy"):
+        import cupy
+        return cupy.empty(shape, dtype=DTYPES[dtype].typestr)
+    raise ArgumentError(f"cannot allocate an output like a {type(owner).__name__}; pass the output arrays")
+
+
+def load(bundle_dir: str | os.PathLike) -> Kernel:
+    return Kernel(bundle_dir)
+
+
+def find_bundles(root: str | os.PathLike, family: str | None = None, arch: str | None = None) -> list[Path]:
+    """Bundle folders below ``root`` (optionally of one family / arch), sorted by name."""
+    out = []
+    for m in sorted(Path(root).rglob(MANIFEST)):
+        try:
+            d = json.loads(m.read_text())
+        except ValueError:
+            continue
+        if (family is None or d.get("family") == family) and (arch is None or d.get("arch") == arch):
+            out.append(m.parent)
+    return out
+
+
+class Dispatcher:
+    """Pick, per call, a kernel of one family whose layout accepts the call's shapes.
+
+    ``table`` (optional) maps a shape key to the preferred kernel name (written by ``mlagen export``);
+    without an entry the family's ``prefer`` heuristic orders the candidates.
+    """
+
+    def __init__(self, kernels: Iterable[Kernel], table: Mapping[str, str] | None = None):
+        self.kernels = list(kernels)
+        if not self.kernels:
+            raise ValueError("Dispatcher needs at least one kernel")
+        self.family = self.kernels[0].family
+        self.table = dict(table or {})
+        self._cache: dict[Any, Kernel] = {}
+
+    @classmethod
+    def from_dir(cls, root, family: str, arch: str | None = None, table_path: str | None = None):
+        ks = [Kernel(b) for b in find_bundles(root, family, arch)]
+        table = json.loads(Path(table_path).read_text()) if table_path else None
+        return cls(ks, table)
+
+    def select(self, kwargs: Mapping[str, Any]) -> Kernel:
+        errors = []
+        key = self.family.shape_key(kwargs) if hasattr(self.family, "shape_key") else None
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        ok = []
+        for k in self.kernels:
+            try:
+                k.prepare(kwargs, check_contents=False)
+                ok.append(k)
+            except ArgumentError as e:
+                errors.append(f"{k.name}: {e}")
+        if not ok:
+            raise ArgumentError("no kernel accepts this call:\n  " + "\n  ".join(errors))
+        chosen = None
+        if key is not None and str(key) in self.table:
+            chosen = next((k for k in ok if k.name == self.table[str(key)]), None)
+        if chosen is None:
+            prefer = getattr(self.family, "prefer", None)
+            chosen = prefer(ok, kwargs) if prefer else ok[0]
+        if key is not None:
+            self._cache[key] = chosen
+        return chosen
+
+    def __call__(self, stream=None, **kwargs):
+        return self.select(kwargs)(stream=stream, **kwargs)
