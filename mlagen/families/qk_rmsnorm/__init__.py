@@ -133,5 +133,18 @@ class QKRMSNorm(Family):
             "k_out": inputs["k"].astype(np.float64) / np.sqrt(var[:, 1:] + eps) * inputs["gamma_k"],
         }
 
+    # ---------------- benchmark companions ----------------
+    bench_shapes = [dict(M=1), dict(M=64), dict(M=1024), dict(M=16384), dict(M=65536)]
+
+    def torch_impl(self, p, t):
+        """The same math in torch (float32 compute), writing into t['q_out'] / t['k_out']."""
+        import torch
+        var, eps = t["qk_var"], t["eps"]
+        t["q_out"].copy_((t["q"].float() * torch.rsqrt(var[:, 0:1] + eps)) * t["gamma_q"])
+        t["k_out"].copy_((t["k"].float() * torch.rsqrt(var[:, 1:2] + eps)) * t["gamma_k"])
+
+    def bench_outputs(self, p, t):
+        return {"q_out": t["q_out"].float(), "k_out": t["k_out"].float()}
+
 
 family = QKRMSNorm()

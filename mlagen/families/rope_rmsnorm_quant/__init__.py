@@ -294,6 +294,64 @@ class RopeRMSNormQuant(Family):
             out["scales"] = scale.astype(np.float32)
         return out
 
+    # ---------------- benchmark companions ----------------
+    bench_shapes = [dict(B=1, S=1, C=256), dict(B=32, S=1, C=256), dict(B=128, S=1, C=256),
+                    dict(B=512, S=1, C=64), dict(B=8, S=2048, C=64, uniform=1)]
+
+    def torch_impl(self, p, t):
+        """The same math in torch ops (float32 compute), in place on t's outputs, indices computed on the GPU."""
+        import torch
+        kv, r = p["kv_lora_rank"], p["rope_dim"]
+        T = t["q_rope"].shape[0]
+        b, pos, page, slot = self._slots_torch(p, t)
+        fr = t["freqs_cis"][pos]
+        cos, sin = fr[:, 0::2], fr[:, 1::2]
+
+        def rope(x, c, s):
+            if p["rope_layout"] == "interleaved":
+                a, bb = x[..., 0::2], x[..., 1::2]
+                return torch.stack([a * c - bb * s, bb * c + a * s], dim=-1).flatten(-2)
+            a, bb = x[..., : r // 2], x[..., r // 2:]
+            return torch.cat([a * c - bb * s, bb * c + a * s], dim=-1)
+
+        t["q_rope_out"].copy_(rope(t["q_rope"].float(), cos[:, None, :], sin[:, None, :]))
+        x = t["kv_input"].float()
+        c = x[:, :kv]
+        yn = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + t["eps"]) * t["gamma"].float()
+        rows = torch.cat([yn, rope(x[:, kv:], cos, sin)], dim=-1)
+        L = t["layer_idx"]
+        if p["cache_dtype"] == "bf16":
+            t["kv_cache"][L, page, slot, 0] = rows.to(torch.bfloat16)
+        else:
+            g = p["quant_granularity"]
+            blk = rows.view(T, -1, g)
+            scale = blk.abs().amax(-1).clamp_min(1e-30) / FP8_E4M3_MAX
+            qv = (blk / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(T, -1)
+            t["kv_cache"][L, page, slot, 0] = qv.to(torch.float8_e4m3fn)
+            t["kv_scales"][L, page, slot, 0] = scale
+
+    @staticmethod
+    def _slots_torch(p, t):
+        """Sequence, position, page and slot of every new token, computed with torch on the GPU."""
+        import torch
+        off = t["input_row_offsets"].long()
+        tok = torch.arange(t["q_rope"].shape[0], device=off.device)
+        b = torch.searchsorted(off[1:], tok, right=True)
+        pos = t["cache_lengths"].long()[b] + tok - off[b]
+        page = t["page_table"][b, pos // p["page_size"]].long()
+        return b, pos, page, pos % p["page_size"]
+
+    def bench_outputs(self, p, t):
+        """Comparable float32 views of what a run wrote: q_rope_out and the new (dequantised) cache rows."""
+        _, _, page, slot = self._slots_torch(p, t)
+        L = t["layer_idx"]
+        rows = t["kv_cache"][L, page, slot, 0].float()
+        if p["cache_dtype"] == "f8e4m3":
+            g = p["quant_granularity"]
+            sc = t["kv_scales"][L, page, slot, 0]
+            rows = (rows.view(rows.shape[0], -1, g) * sc[..., None]).view(rows.shape)
+        return {"q_rope_out": t["q_rope_out"].float(), "kv_cache_rows": rows}
+
 
 def _host(v) -> np.ndarray:
     """Copy a device array view to a numpy array (for content checks; synchronises)."""

@@ -1,0 +1,44 @@
+"""Named sets of configurations: what the GPU tests check and what the benchmarks time.
+
+``python scripts/build_gpu_suite.py`` (or ``mlagen build-suite``) compiles them into ``build/gpu`` on
+any machine with the DSL; the folder is then carried to the GPU host.
+"""
+from __future__ import annotations
+
+# Correctness: every family's distinct code paths (dtypes, layouts, granularities, splits).
+TEST = {
+    "qk_rmsnorm": [
+        {},
+        {"rsqrt": "approx"},
+        {"dtype": "f32", "out_dtype": "f32", "threads_per_row": 32, "rows_per_cta": 4},
+        {"dtype": "bf16", "out_dtype": "f32", "threads_per_row": 16, "rows_per_cta": 1},
+        {"dtype": "f16", "out_dtype": "f16", "nq": 128, "nk": 64, "threads_per_row": 8, "rows_per_cta": 16},
+    ],
+    "rope_rmsnorm_quant": [
+        {},
+        {"rope_layout": "half", "gamma_dtype": "f32"},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 576, "rope_layout": "half"},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "head_splits": 2, "q_unroll": 2,
+         "page_size": 16, "tokens_per_cta": 1},
+        {"num_heads": 16, "page_size": 1, "tokens_per_cta": 8, "head_splits": 4, "q_unroll": 1},
+    ],
+}
+
+# Performance: a small grid of tuning knobs at the default shapes.
+BENCH = {
+    "qk_rmsnorm": [
+        {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
+    ],
+    "rope_rmsnorm_quant": [
+        {"cache_dtype": c, "tokens_per_cta": w, "head_splits": s, "q_unroll": 4}
+        for c in ("bf16", "f8e4m3") for w in (2, 4, 8) for s in (1, 2, 4)
+    ] + [
+        {"cache_dtype": c, "num_heads": 16, "tokens_per_cta": w, "head_splits": s, "q_unroll": 1}
+        for c in ("bf16", "f8e4m3") for w in (2, 4, 8) for s in (1, 4)
+    ],
+}
+
+
+def jobs(suite: dict, arch: str = "sm_90a") -> list[tuple[str, dict, str]]:
+    return [(fam, dict(p), arch) for fam, plist in suite.items() for p in plist]

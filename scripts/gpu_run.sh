@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run on a GPU host from the repository root, with build/gpu (from scripts/build_gpu_suite.py) present.
+# Usage: scripts/gpu_run.sh [tests|bench|all] [FAMILY ...]
+# Writes result tables and logs under $OUT (the device tool's output folder) or results/.
+set -u -o pipefail
+what=${1:-all}; shift || true
+fams=${*:-"qk_rmsnorm rope_rmsnorm_quant"}
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+export MLAGEN_RESULTS_DIR=${OUT:-results} MLAGEN_REQUIRE_BUNDLES=1
+[ -f build/gpu/COMMIT ] && export MLAGEN_COMMIT=$(cat build/gpu/COMMIT)
+out=$MLAGEN_RESULTS_DIR; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+python3 - <<'PY'
+import importlib
+for m in ("torch", "numpy", "pandas", "pyarrow", "ml_dtypes", "cuda.bindings", "optuna", "matplotlib"):
+    try:
+        mod = importlib.import_module(m); print(f"{m} {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{m} MISSING ({type(e).__name__})")
+PY
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  files=""; for f in $fams; do files="$files tests/test_gpu_$f.py"; done
+  python3 -m pytest -q -m gpu -p no:cacheprovider $files 2>&1 | tee "$out/pytest_gpu.log" | tail -25 || rc=1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  for f in $fams; do
+    python3 -m mlagen bench "$f" --bundles build/gpu --results "$out" ${BENCH_ARGS:---compile-torch} 2>&1 | tee "$out/bench_$f.log" | tail -60 || rc=1
+  done
+fi
+exit $rc
