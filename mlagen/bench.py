@@ -223,7 +223,7 @@ def main_bench(args) -> int:
     """`mlagen bench FAMILY --bundles DIR ...` (arguments parsed by mlagen.cli)."""
     from .report import append_rows
     fam = families.get(args.family)
-    bundles = runtime.find_bundles(args.bundles, fam.name)
+    bundles = runtime.find_bundles(args.bundles, fam.name, getattr(args, "arch", None))
     if not bundles:
         raise SystemExit(f"no {fam.name} bundles under {args.bundles}")
     shapes = [parse_shape(s) for s in (args.shape or [])] or None

@@ -16,18 +16,10 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", choices=["test", "bench"], default=None)
     a = ap.parse_args(argv)
-    jobs = []
-    if a.only in (None, "test"):
-        jobs += suites.jobs(suites.TEST, a.arch)
-    if a.only in (None, "bench"):
-        jobs += suites.jobs(suites.BENCH, a.arch)
-    seen, uniq = set(), []
-    for j in jobs:
-        key = (j[0], tuple(sorted(j[1].items())), j[2])
-        if key not in seen:
-            seen.add(key)
-            uniq.append(j)
-    res = build_many(uniq, a.out, workers=a.workers)
+    res = []
+    for name, suite in (("test", suites.TEST), ("bench", suites.BENCH)):
+        if a.only in (None, name):
+            res += build_many(suites.jobs(suite, a.arch), Path(a.out) / name, workers=a.workers)
     bad = [(j, e) for j, b, e in res if e]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "COMMIT").write_text(git_commit() + "\n")

@@ -25,7 +25,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for f in $fams; do
-    python3 -m mlagen bench "$f" --bundles build/gpu --results "$out" ${BENCH_ARGS:---compile-torch} 2>&1 | tee "$out/bench_$f.log" | tail -60 || rc=1
+    python3 -m mlagen bench "$f" --bundles build/gpu/bench --results "$out" ${BENCH_ARGS:---compile-torch} 2>&1 | tee "$out/bench_$f.log" | tail -60 || rc=1
   done
 fi
 exit $rc
