@@ -136,6 +136,7 @@ class ArgLayout:
     args: list[Arg]
 
     def __post_init__(self):
+        self._ctypes: list[type] | None = None
         names = [a.name for a in self.args]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate argument names: {names}")
@@ -179,8 +180,14 @@ class ArgLayout:
         return [a for a in self.args if isinstance(a, TensorArg)]
 
     # ---- the bytes of each kernel parameter ----
+    def ctypes(self) -> list[type]:
+        """The ctypes type of every parameter (built once: making ctypes classes is slow)."""
+        if self._ctypes is None:
+            self._ctypes = [a.ctype(self.symbols) for a in self.args]
+        return self._ctypes
+
     def param_sizes(self) -> list[int]:
-        return [ctypes.sizeof(a.ctype(self.symbols)) for a in self.args]
+        return [ctypes.sizeof(t) for t in self.ctypes()]
 
     # ---- generated source: fake arguments for cute.compile ----
     def fake_arg_source(self, indent: str = "    ") -> str:
@@ -258,8 +265,7 @@ class ArgLayout:
     def pack(self, values: Mapping[str, Any], tensormaps: Mapping[str, bytes] | None = None):
         """Return (kernelParams address, keepalive) for cuLaunchKernel."""
         bufs = []
-        for a in self.args:
-            ct = a.ctype(self.symbols)
+        for a, ct in zip(self.args, self.ctypes()):
             if isinstance(a, TensorArg):
                 v = values[a.name]
                 b = ct()

@@ -169,12 +169,13 @@ def bench_family(family: str, bundle_dirs, shapes=None, warmup: int = 10, reps: 
                         log(f"torch.compile failed for {family} {shape}: {type(ex).__name__}: {str(ex)[:200]}")
             for k in ks:
                 tk = _clone(base)
-                views, dims, grid, device = k.prepare(tk, check_contents=True)
-                k.launch_prepared(views, grid, device)
+                bound = k.bind(check_contents=True, **tk)
+                bound.launch()
                 torch.cuda.synchronize()
                 e = _err(fam.bench_outputs(k.params, tk), ref_out) if ref_t is not None else float("nan")
-                r = timer(lambda: k.launch_prepared(views, grid, device))
-                rows.append(row(fam, k, "mlagen", k.params, dims, shape, r, ceilings, dev, commit, date, e, eager_us))
+                r = timer(bound.launch)
+                rows.append(row(fam, k, "mlagen", k.params, bound.dims, shape, r, ceilings, dev, commit, date, e,
+                                eager_us))
             best = min((x for x in rows if x["shape"] == json.dumps(shape, sort_keys=True) and x["impl"] == "mlagen"
                         and x["group"] == key), key=lambda x: x["time_us"])
             log(f"{family} {shape}: best {best['kernel']} {best['time_us']:.2f} us, {best['gbps']:.0f} GB/s "

@@ -256,26 +256,49 @@ class Kernel:
 
         ``check_contents`` also reads index arrays (row offsets, page table, lengths) back to the host
         to report bad page indices or cache overflow before launching; it synchronises, so pass False
-        on hot paths and under CUDA-graph capture.
+        on hot paths and under CUDA-graph capture (or bind once and call ``.launch()``).
         """
+        b = self.bind(stream=stream, check_contents=check_contents, **kwargs)
+        b.launch()
+        return b.outputs()
+
+    def bind(self, stream: Any = None, check_contents: bool = True, **kwargs) -> "BoundLaunch":
+        """Check the arguments and pack them once; the result launches with no per-call host work."""
         views, dims, grid, device = self.prepare(kwargs, check_contents)
-        self.launch_prepared(views, grid, device, stream)
-        outs = {a.name: views[a.name].owner for a in self.layout.tensors() if a.io != "in"}
-        return outs
+        return BoundLaunch(self, views, dims, grid, device, stream)
 
     def launch_prepared(self, views, grid, device, stream=None) -> None:
+        BoundLaunch(self, views, None, grid, device, stream).launch()
+
+
+class BoundLaunch:
+    """A kernel with its arguments checked and packed: ``launch()`` is one cuLaunchKernel.
+
+    The arrays must stay alive and keep their addresses (it holds references to them); the stream
+    is fixed at bind time.  This is what a serving loop or a CUDA-graph capture replays.
+    """
+
+    def __init__(self, kernel: Kernel, views, dims, grid, device, stream=None):
         drv = _driver()
-        fn = self.function(device)
+        self.kernel, self.views, self.dims, self.grid, self.device = kernel, views, dims, grid, device
+        self.fn = kernel.function(device)
         torch_inputs = any(isinstance(v, DeviceArray) and type(v.owner).__module__.startswith("torch")
                            for v in views.values())
-        h = stream_handle(stream, device, torch_inputs)
-        if grid[0] * grid[1] * grid[2] == 0:
+        self.stream = drv.CUstream(stream_handle(stream, device, torch_inputs))
+        self.params, self._keep = kernel.layout.pack(views)
+        self.empty = grid[0] * grid[1] * grid[2] == 0
+        self._launch = drv.cuLaunchKernel
+        self._args = (self.fn, grid[0], grid[1], grid[2], *kernel.block, kernel.smem, self.stream, self.params, 0)
+
+    def launch(self) -> None:
+        if self.empty:
             return
-        params, keep = self.layout.pack(views)
-        err, = drv.cuLaunchKernel(fn, grid[0], grid[1], grid[2], self.block[0], self.block[1], self.block[2],
-                                  self.smem, drv.CUstream(h), params, 0)
-        _check(err, f"cuLaunchKernel({self.name}, grid={grid}, block={self.block})")
-        del keep
+        err, = self._launch(*self._args)
+        if int(err) != 0:
+            _check(err, f"cuLaunchKernel({self.kernel.name}, grid={self.grid}, block={self.kernel.block})")
+
+    def outputs(self) -> dict:
+        return {a.name: self.views[a.name].owner for a in self.kernel.layout.tensors() if a.io != "in"}
 
 
 def _alloc_like(ref: DeviceArray, shape: tuple, dtype: str):

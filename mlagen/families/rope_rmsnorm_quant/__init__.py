@@ -8,7 +8,7 @@ at absolute position ``pos = cache_lengths[b] + t - input_row_offsets[b]``:
   ``[rmsnorm(c) * gamma | rope(k_rope, pos)]`` and is written to
   ``kv_cache[layer_idx, page_table[b, pos // page_size], pos % page_size, 0, :]``,
   as bf16, or as fp8 e4m3 with one float32 scale per ``quant_granularity`` elements
-  (``scale = amax / 448``; stored in ``kv_scales``, paged like the cache).
+  (``scale = amax / 448``, ``q = cast(y * (1 / scale))``; scales stored in ``kv_scales``, paged like the cache).
 
 RoPE: ``freqs_cis[pos]`` holds (cos_i, sin_i) pairs for i < rope_dim/2; ``rope_layout`` chooses which
 elements form pair i: ``interleaved`` = (2i, 2i+1) (DeepSeek's original), ``half`` = (i, i + rope_dim/2) (NeoX).
@@ -289,7 +289,8 @@ class RopeRMSNormQuant(Family):
             blk = rows.reshape(rows.shape[0], -1, g)
             amax = np.max(np.abs(blk), axis=2)
             scale = (np.maximum(amax, ft(1e-30)) / ft(FP8_E4M3_MAX)).astype(ft)
-            qv = blk / scale[:, :, None]
+            inv = (ft(1.0) / scale).astype(ft)                 # the kernel multiplies by 1/scale
+            qv = blk * inv[:, :, None]
             out["rows_q"] = quantize_fp8(qv.reshape(rows.shape).astype(np.float32))
             out["scales"] = scale.astype(np.float32)
         return out
@@ -326,7 +327,7 @@ class RopeRMSNormQuant(Family):
             g = p["quant_granularity"]
             blk = rows.view(T, -1, g)
             scale = blk.abs().amax(-1).clamp_min(1e-30) / FP8_E4M3_MAX
-            qv = (blk / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(T, -1)
+            qv = (blk * (1.0 / scale)[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(T, -1)
             t["kv_cache"][L, page, slot, 0] = qv.to(torch.float8_e4m3fn)
             t["kv_scales"][L, page, slot, 0] = scale
 
