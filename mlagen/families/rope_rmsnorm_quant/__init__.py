@@ -320,16 +320,20 @@ class RopeRMSNormQuant(Family):
         c = x[:, :kv]
         yn = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + t["eps"]) * t["gamma"].float()
         rows = torch.cat([yn, rope(x[:, kv:], cos, sin)], dim=-1)
-        L = t["layer_idx"]
+        # Scatter through flat row views (index_copy_ is what torch.compile lowers well).
+        cache = t["kv_cache"]
+        row_idx = (t["layer_idx"] * cache.shape[1] + page) * p["page_size"] + slot
+        flat = cache.view(-1, cache.shape[-1])
         if p["cache_dtype"] == "bf16":
-            t["kv_cache"][L, page, slot, 0] = rows.to(torch.bfloat16)
+            flat.index_copy_(0, row_idx, rows.to(torch.bfloat16))
         else:
             g = p["quant_granularity"]
             blk = rows.view(T, -1, g)
             scale = blk.abs().amax(-1).clamp_min(1e-30) / FP8_E4M3_MAX
             qv = (blk * (1.0 / scale)[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).view(T, -1)
-            t["kv_cache"][L, page, slot, 0] = qv.to(torch.float8_e4m3fn)
-            t["kv_scales"][L, page, slot, 0] = scale
+            flat.view(torch.uint8).index_copy_(0, row_idx, qv.to(torch.float8_e4m3fn).view(torch.uint8))
+            sc = t["kv_scales"]
+            sc.view(-1, sc.shape[-1]).index_copy_(0, row_idx, scale)
 
     @staticmethod
     def _slots_torch(p, t):
