@@ -88,7 +88,10 @@ def sass(cubin: Path) -> str:
     tool = find_tool("cuobjdump")
     if not tool:
         return ""
-    return subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True).stdout
+    r = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True)
+    if r.returncode != 0 or "Function" not in r.stdout:   # cuobjdump needs nvdisasm for SASS
+        return ""
+    return r.stdout
 
 
 def build(family: str, params: Mapping[str, Any] | None = None, arch: str = "sm_90a",

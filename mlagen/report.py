@@ -410,8 +410,10 @@ def summary(df, shape_cols: Sequence[str] | None = None, max_rows: int = 200) ->
     shapes = list(shape_cols) if shape_cols is not None else shape_columns(df)
     lines = [f"{len(df)} rows, {len(df.columns)} columns"]
     if tcol is None and bcol is None:
+        if "outcome" in df.columns:
+            return "\n".join(lines + [_outcome_summary(df, max_rows)])
         lines.append("no time or bandwidth column; columns: " + ", ".join(map(str, df.columns)))
-        lines.append(_render(df.head(max_rows)))
+        lines.append(_render(_clip(df.tail(10))))
         return "\n".join(lines)
     metric = tcol or bcol
     lower_is_better = metric == tcol
@@ -457,6 +459,35 @@ def summary(df, shape_cols: Sequence[str] | None = None, max_rows: int = 200) ->
         wshow = [c for c in [*keys, *who, tcol, bcol] if c]
         wshow = list(dict.fromkeys(wshow))
         lines += ["", f"fastest per {' / '.join(keys)}:", _render(win[wshow].head(max_rows))]
+    return "\n".join(lines)
+
+
+def _clip(df, width: int = 48):
+    """Cut long cells (JSON, test ids) for display."""
+    def cut(v):
+        t = v if isinstance(v, str) else None
+        return t if t is None or len(t) <= width else t[: width - 3] + "..."
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object or str(out[c].dtype) in ("str", "string"):
+            out[c] = out[c].map(lambda v: cut(v) if isinstance(v, str) else v)
+    return out
+
+
+def _outcome_summary(df, max_rows: int) -> str:
+    """Test-result tables (a column ``outcome``): counts per device / commit, and the tests that did not pass."""
+    by = [c for c in ("device", "commit") if c in df.columns]
+    d = df.copy()
+    d["outcome"] = d["outcome"].astype(str)
+    counts = (d.groupby(by + ["outcome"], dropna=False).size().unstack("outcome", fill_value=0).reset_index()
+              if by else d["outcome"].value_counts().to_frame("n").T.reset_index(drop=True))
+    lines = ["outcomes:", _render(counts)]
+    bad = d[~d["outcome"].isin(["passed", "skipped", "xfailed"])]
+    if len(bad):
+        cols = [c for c in ("test", "outcome", "device", "commit", "date") if c in bad.columns]
+        lines += ["", f"not passed ({len(bad)}):", bad[cols].head(max_rows).to_string(index=False)]
+    else:
+        lines.append("all passed")
     return "\n".join(lines)
 
 

@@ -1,0 +1,184 @@
+"""mlagen.report: append / load / merge result tables, summaries and plots."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from mlagen import report
+
+from cpu_helpers import REPO
+
+
+def _bench_rows(device="NVIDIA H100 80GB HBM3", scale=1.0, shapes=(1, 64, 1024, 16384)):
+    rows = []
+    for M in shapes:
+        for impl, kernel, eff in (("torch_eager", "torch_eager", 0.3), ("mlagen", "qk_t64_r2", 0.8),
+                                  ("mlagen", "qk_t32_r4", 0.7)):
+            t = scale * (4.0 + M * 4096 * 4 / (3000e3 * eff))
+            rows.append(dict(
+                table="bench", family="qk_rmsnorm", impl=impl, kernel=kernel,
+                arch="" if impl != "mlagen" else "sm_90a",
+                params={"threads_per_row": 64 if "t64" in kernel else 32, "rsqrt": "ieee"},
+                group=json.dumps({"nq": 1536, "nk": 512}), shape=json.dumps({"M": M}), dims=json.dumps({"M": M}),
+                device=device, time_us=t, gbps=M * 4096 * 4 / (t * 1e3), ceiling_gbps=3000.0))
+    return rows
+
+
+def test_append_creates_both_files_and_json_columns(tmp_path):
+    d = tmp_path / "results"
+    path = report.append_rows(_bench_rows(), "bench", d)
+    assert path == d / "bench.parquet" and path.exists() and (d / "bench.csv").exists()
+    df = report.load("bench", d)
+    assert len(df) == 12
+    assert json.loads(df["params"].iloc[1]) == {"rsqrt": "ieee", "threads_per_row": 64}
+    csv = pd.read_csv(d / "bench.csv")
+    assert len(csv) == 12 and list(csv.columns) == list(df.columns)
+
+
+def test_append_unions_columns(tmp_path):
+    report.append_rows([{"a": 1, "b": "x"}], "t", tmp_path)
+    report.append_rows(pd.DataFrame([{"a": 2, "c": 3.5}]), "t", tmp_path)
+    report.append_rows({"d": [1, 2]}, "t", tmp_path)            # a single row as a dict
+    df = report.load("t", tmp_path)
+    assert list(df.columns) == ["a", "b", "c", "d"]
+    assert len(df) == 3
+    assert df["a"].tolist()[:2] == [1, 2] and df["b"].iloc[0] == "x" and pd.isna(df["b"].iloc[1])
+    assert df["c"].iloc[1] == 3.5 and df["d"].iloc[2] == "[1, 2]"
+
+
+def test_append_mixed_types_in_a_column(tmp_path):
+    report.append_rows([{"v": 1}], "m", tmp_path)
+    report.append_rows([{"v": "two"}], "m", tmp_path)
+    df = report.load("m", tmp_path)
+    assert [str(x) for x in df["v"]] == ["1", "two"]
+
+
+def test_load_missing_table(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no table 'nope'"):
+        report.load("nope", tmp_path)
+
+
+def test_bad_table_name(tmp_path):
+    with pytest.raises(ValueError):
+        report.append_rows([{"a": 1}], "../x", tmp_path)
+
+
+def test_load_falls_back_to_csv(tmp_path):
+    report.append_rows([{"a": 1}], "c", tmp_path)
+    (tmp_path / "c.parquet").unlink()
+    assert report.load("c", tmp_path)["a"].tolist() == [1]
+    assert report.tables(tmp_path) == ["c"]
+
+
+def test_decode_json_expands_params(tmp_path):
+    report.append_rows(_bench_rows(), "bench", tmp_path)
+    df = report.decode_json(report.load("bench", tmp_path), "params", expand=True)
+    assert df["params.threads_per_row"].tolist()[:3] == [32, 64, 32]
+    assert isinstance(report.decode_json(report.load("bench", tmp_path))["params"].iloc[0], dict)
+
+
+# ------------------------------------------------------------------ merging
+def test_merge_splits_by_table_column_and_dedups(tmp_path):
+    host = tmp_path / "host"
+    host.mkdir()
+    rows = _bench_rows() + [dict(table="ceilings", device="H100", copy_gbps=3000.0)]
+    pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]) \
+        .to_parquet(host / "out.parquet")
+    res = tmp_path / "results"
+    assert report.merge_files([host / "out.parquet"], res) == {"bench": 12, "ceilings": 1}
+    assert len(report.load("bench", res)) == 12 and len(report.load("ceilings", res)) == 1
+    # the same file again, and its CSV twin: nothing new
+    pd.read_parquet(host / "out.parquet").to_csv(host / "out.csv", index=False)
+    assert report.merge_files([host / "out.parquet", host / "out.csv"], res) == {"bench": 0, "ceilings": 0}
+    assert len(report.load("bench", res)) == 12
+
+
+def test_merge_by_file_name_and_folder(tmp_path):
+    res = tmp_path / "results"
+    report.append_rows([{"x": 1, "y": 2.0}, {"x": 2, "y": 3.5}], "tab", res)
+    host = tmp_path / "host"
+    host.mkdir()
+    pd.DataFrame([{"x": 2, "y": 3.5}, {"x": 3, "y": 4.0}, {"x": 3, "y": 4.0}]).to_csv(host / "tab.csv", index=False)
+    pd.DataFrame([{"z": "new"}]).to_parquet(host / "other.parquet")
+    assert report.merge_files([host], res) == {"tab": 1, "other": 1}
+    df = report.load("tab", res)
+    assert sorted(df["x"].tolist()) == [1, 2, 3]
+    assert report.tables(res) == ["other", "tab"]
+
+
+def test_merge_treats_csv_and_parquet_spellings_as_equal(tmp_path):
+    res = tmp_path / "results"
+    report.append_rows([{"M": 4096, "t": 1.5, "note": None, "ok": True}], "eq", res)
+    host = tmp_path / "h"
+    host.mkdir()
+    (host / "eq.csv").write_text("M,t,note,ok\n4096.0,1.5,,True\n")
+    assert report.merge_files([host / "eq.csv"], res) == {"eq": 0}
+
+
+def test_merge_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        report.merge_files([tmp_path / "absent.parquet"], tmp_path)
+
+
+# ------------------------------------------------------------------ summaries and plots
+def test_summary_best_per_kernel_and_fastest_per_shape(tmp_path):
+    rows = _bench_rows() + _bench_rows(scale=1.5)          # a second, slower run of everything
+    report.append_rows(rows, "bench", tmp_path)
+    df = report.load("bench", tmp_path)
+    s = report.summary(df)
+    assert "24 rows" in s
+    assert "best time_us per" in s and "best of up to 2 runs" in s
+    assert "fastest per family / device / group / shape" in s
+    win = s[s.index("fastest per"):]
+    assert win.count("qk_t64_r2") == 4 and "qk_t32_r4" not in win and "torch_eager" not in win
+    best = df[(df["kernel"] == "qk_t64_r2") & (df["shape"] == json.dumps({"M": 16384}))]["time_us"].min()
+    assert f"{best:.1f}" in s
+    assert "%ceiling" in s
+    # shapes sort numerically, not as text
+    assert s.index('{"M": 64}') < s.index('{"M": 1024}') < s.index('{"M": 16384}')
+
+
+def test_summary_without_times():
+    s = report.summary(pd.DataFrame([{"device": "H100", "copy_gbps": 3000.0}]))
+    assert "1 rows" in s
+    assert report.summary(pd.DataFrame()) == "(no rows)"
+
+
+def test_summary_plain_shape_columns():
+    df = pd.DataFrame([dict(kernel=k, M=m, time_us=t) for k, m, t in
+                       [("a", 1, 3.0), ("b", 1, 2.0), ("a", 8, 5.0), ("b", 8, 6.0)]])
+    s = report.summary(df)
+    assert "best time_us per M / kernel" in s
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    report.append_rows(_bench_rows(), "bench", tmp_path)
+    df = report.load("bench", tmp_path)
+    out = report.plot(df, tmp_path / "p" / "bench.png")          # x = M from the JSON shape column
+    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out2 = report.plot(df, tmp_path / "t.png", y="time_us", by=["kernel"], top=1)
+    assert out2.exists() and out2.stat().st_size > 1000
+    with pytest.raises(KeyError):
+        report.plot(df, tmp_path / "x.png", x="N")
+
+
+def test_import_is_cheap():
+    code = ("import sys, mlagen.report\n"
+            "heavy = [m for m in ('pandas', 'pyarrow', 'matplotlib') if m in sys.modules]\n"
+            "print(heavy)\nsys.exit(1 if heavy else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_summary_of_test_outcomes():
+    df = pd.DataFrame([dict(test="t::a", outcome="passed", device="H100", commit="abc"),
+                       dict(test="t::b", outcome="failed", device="H100", commit="abc"),
+                       dict(test="t::c", outcome="skipped", device="H100", commit="abc")])
+    s = report.summary(df)
+    assert "outcomes:" in s and "not passed (1):" in s and "t::b" in s and "t::a" not in s
+    assert "all passed" in report.summary(df[df["outcome"] != "failed"])
