@@ -345,6 +345,104 @@ def cmd_results_merge(args) -> int:
         print(f"{name}: {n} new row(s) -> {Path(args.results) / (name + '.parquet')}")
     return EXIT_OK
 
+# --------------------------------------------------------------------------------------------
+# Tuning (mlagen.tune)
+# --------------------------------------------------------------------------------------------
+def _shape(args) -> dict:
+    from .bench import parse_shape
+    if not args.shape:
+        raise UsageError("--shape is required, e.g. --shape B=512,S=1,C=64")
+    return parse_shape(args.shape)
+
+
+def cmd_tune_ask(args) -> int:
+    from . import tune
+    tune.ask(args.family, _shape(args), args.trials, args.study, args.out, parse_kv(args.param), args.arch,
+             args.storage, args.workers, args.seed)
+    return EXIT_OK
+
+
+def cmd_tune_grid(args) -> int:
+    """Compile every valid point of the space (the exhaustive baseline); invalid points are listed."""
+    import json as _json
+    from . import tune
+    from .bench import parse_shape
+    from .compile import build_many
+    fixed = parse_kv(args.param)
+    valid, invalid = tune.grid_points(args.family, fixed, args.arch)
+    for params, why in invalid:
+        print(f"invalid {params}: {why.splitlines()[-1].strip()}")
+    wdir = Path(args.out) / args.study
+    res = build_many([(args.family, p, args.arch) for p in valid], wdir / "bundles", workers=args.workers,
+                     progress=False)
+    shapes = [parse_shape(x) for x in args.shape] or tune.space(args.family).get("shapes", [])
+    trials, n = [], 0
+    for shape in shapes:
+        for p, (_, bdir, err) in zip(valid, res):
+            if err:
+                print(f"compile failed {p}: {err[:200]}")
+                continue
+            trials.append({"trial": n, "params": p, "bundle": str(bdir), "shape": shape})
+            n += 1
+    wdir.mkdir(parents=True, exist_ok=True)
+    (wdir / tune.SPEC).write_text(_json.dumps({"family": args.family, "study": args.study, "storage": "",
+                                               "arch": args.arch, "trials": trials}, indent=1))
+    print(f"{len(valid)} valid points ({len(invalid)} invalid) x {len(shapes)} shapes -> {wdir / tune.SPEC}")
+    return EXIT_OK
+
+
+def cmd_tune_run(args) -> int:
+    from . import tune
+    tune.run(args.workdir, args.results, args.timeout, args.warmup, args.reps)
+    return EXIT_OK
+
+
+def cmd_tune_tell(args) -> int:
+    from . import tune
+    tune.tell(args.workdir, args.results, args.storage)
+    return EXIT_OK
+
+
+def cmd_tune(args) -> int:
+    from . import tune
+    tune.tune_online(args.family, _shape(args), args.trials, args.study, args.bundles, parse_kv(args.param),
+                     args.arch, args.storage, args.results, args.out, args.seed, args.timeout)
+    return EXIT_OK
+
+
+def cmd_tune_replay(args) -> int:
+    """Replay the sampler on a measured grid: trials needed to get within --within of the grid's best."""
+    import json as _json
+    from . import tune
+    from .report import load
+    df = load("tuning", args.results)
+    df = df[(df["study"] == args.grid_study) & (df["status"] == "ok")]
+    if df.empty:
+        raise UsageError(f"no measured rows of study {args.grid_study!r} in {args.results}")
+    out = []
+    for shape, g in df.groupby("shape"):
+        measured = {_json.dumps(_json.loads(p), sort_keys=True): t for p, t in zip(g["params"], g["time_us"])}
+        fam = families.get(g["family"].iloc[0])
+        first = _json.loads(g["params"].iloc[0])
+        fx = {**{k: first[k] for k in fam.shape_params if k in first}, **parse_kv(args.param)}
+        r = tune.replay(measured, fam.name, fx, args.budget, args.seeds, args.within, args.arch)
+        r.update(shape=shape, grid_best_us=min(measured.values()))
+        out.append(r)
+        print(f"{shape}: grid {r['grid_valid']} valid points, best {r['grid_best_us']:.2f} us; TPE within "
+              f"{100 * args.within:.0f}% after median {r['median_trials']} trials (p90 {r['p90_trials']}) "
+              f"= {100 * r['median_trials'] / r['grid_valid']:.0f}% of the grid")
+    if args.json:
+        Path(args.json).write_text(_json.dumps(out, indent=1))
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from . import tune
+    table = tune.export(args.results, args.out)
+    n = sum(len(s) for d in table.values() for s in d.values())
+    print(f"{n} shape entries for {sorted(table)} -> {args.out}")
+    return EXIT_OK
+
 
 # --------------------------------------------------------------------------------------------
 # Parser
@@ -421,6 +519,74 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", help=".parquet / .csv files (or folders of them)")
     s.add_argument("--results", default="results", help="results folder (default: results)")
     s.set_defaults(func=cmd_results_merge)
+    def _tune_common(s, shape_required=True):
+        s.add_argument("family")
+        if shape_required:
+            s.add_argument("--shape", default=None, help="problem size, e.g. B=512,S=1,C=64")
+        else:
+            s.add_argument("--shape", action="append", default=[], help="problem sizes (default: tuning/<family>.json)")
+        s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="fixed (shape-defining) parameters, e.g. cache_dtype=f8e4m3")
+        s.add_argument("--arch", default="sm_90a")
+
+    s = sub.add_parser("tune-ask", help="ask an Optuna study for trials and compile them (CPU host)")
+    _tune_common(s)
+    s.add_argument("--trials", type=int, default=16)
+    s.add_argument("--study", required=True)
+    s.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///results/tuning.db)")
+    s.add_argument("--out", default="build/tune")
+    s.add_argument("-j", "--workers", type=int, default=1)
+    s.add_argument("--seed", type=int, default=None)
+    s.set_defaults(func=cmd_tune_ask)
+
+    s = sub.add_parser("tune-grid", help="compile every valid point of the search space (exhaustive baseline)")
+    _tune_common(s, shape_required=False)
+    s.add_argument("--study", required=True)
+    s.add_argument("--out", default="build/tune")
+    s.add_argument("-j", "--workers", type=int, default=1)
+    s.set_defaults(func=cmd_tune_grid)
+
+    s = sub.add_parser("tune-run", help="measure compiled trials on this GPU (supervised child process)")
+    s.add_argument("workdir")
+    s.add_argument("--results", default="results")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds before a candidate counts as hung")
+    s.add_argument("--warmup", type=int, default=10)
+    s.add_argument("--reps", type=int, default=50)
+    s.set_defaults(func=cmd_tune_run)
+
+    s = sub.add_parser("tune-tell", help="report measured trials to the study")
+    s.add_argument("workdir")
+    s.add_argument("--results", default="results")
+    s.add_argument("--storage", default=None)
+    s.set_defaults(func=cmd_tune_tell)
+
+    s = sub.add_parser("tune", help="ask/measure/tell in one process on a GPU host")
+    _tune_common(s)
+    s.add_argument("--trials", type=int, default=20)
+    s.add_argument("--study", required=True)
+    s.add_argument("--storage", default=None)
+    s.add_argument("--bundles", default=None, help="precompiled candidates (else compile, needs the DSL)")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default="build/tune")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("tune-replay", help="sampler efficiency on a measured grid (trials to within 3%%)")
+    s.add_argument("grid_study")
+    s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--results", default="results")
+    s.add_argument("--budget", type=int, default=40)
+    s.add_argument("--seeds", type=int, default=20)
+    s.add_argument("--within", type=float, default=0.03)
+    s.add_argument("--arch", default="sm_90a")
+    s.add_argument("--json", default=None)
+    s.set_defaults(func=cmd_tune_replay)
+
+    s = sub.add_parser("export", help="best measured kernel per shape -> dispatch table JSON")
+    s.add_argument("--results", default="results")
+    s.add_argument("--out", default="dispatch.json")
+    s.set_defaults(func=cmd_export)
     return ap
 
 

@@ -1,0 +1,426 @@
+"""Autotuning with Optuna, split into a builder (CPU, has the DSL) and a runner (GPU, needs no DSL).
+
+    # CPU host: ask the study for trials, reject invalid points before compiling, compile the rest
+    mlagen tune-ask rope_rmsnorm_quant --shape B=512,S=1,C=64 --trials 24 --study rope_b512 --out build/tune
+    # GPU host: time every compiled trial (verified against the torch reference) in a supervised child process
+    mlagen tune-run build/tune/rope_b512 --results results
+    # CPU host: report the measurements to the study; repeat ask/run/tell; then export a dispatch table
+    mlagen tune-tell build/tune/rope_b512 --results results
+    mlagen export --results results --out dispatch.json
+
+``mlagen tune`` does all three in one process on a GPU host that also has the DSL.
+
+Search spaces are data (``tuning/<family>.json``).  Storage is SQLite by default
+(``sqlite:///results/tuning.db``); any SQLAlchemy URL works, e.g. a shared PostgreSQL database for
+many hosts (``postgresql://user@host/db``) -- Optuna's RDB storage hands each worker distinct trials.
+A candidate that fails verification, crashes or hangs is recorded as a FAILED trial with the reason,
+and the study goes on: candidates run in a child process that is restarted after a crash or timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import families
+from .env import git_commit, now_utc
+from .families.base import ParamError
+
+DEFAULT_STORAGE = "sqlite:///results/tuning.db"
+SPEC = "trials.json"
+
+
+def tuning_dir() -> Path:
+    here = Path(__file__).resolve().parent.parent / "tuning"
+    if here.is_dir():
+        return here
+    from importlib.resources import files
+    return Path(str(files("mlagen._tuning")))
+
+
+def space(family: str) -> dict:
+    path = tuning_dir() / f"{family}.json"
+    if not path.exists():
+        raise ParamError(f"no search space for {family}: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def _optuna():
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_study(name: str, storage: str | None = None, seed: int | None = None):
+    optuna = _optuna()
+    storage = storage or DEFAULT_STORAGE
+    if storage.startswith("sqlite:///"):
+        Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    return optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                               sampler=sampler, load_if_exists=True)
+
+
+def suggest(trial, sp: Mapping[str, list]) -> dict:
+    return {k: trial.suggest_categorical(k, list(v)) for k, v in sp.items()}
+
+
+def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out_dir: str | os.PathLike,
+        fixed: Mapping[str, Any] | None = None, arch: str = "sm_90a", storage: str | None = None,
+        workers: int = 1, seed: int | None = None, log=print) -> Path:
+    """Ask ``trials`` trials; invalid points are told FAIL at once with the reason; compile the rest.
+
+    Writes ``out_dir/<study>/trials.json`` listing (trial number, params, bundle, shape) for the runner.
+    """
+    from .compile import build_many
+    fam = families.get(family)
+    sp = space(family)["space"]
+    study = open_study(study_name, storage, seed)
+    optuna = _optuna()
+    wdir = Path(out_dir) / study_name
+    wdir.mkdir(parents=True, exist_ok=True)
+    pending, invalid = [], 0
+    for _ in range(trials):
+        tr = study.ask()
+        params = {**(fixed or {}), **suggest(tr, sp)}
+        tr.set_user_attr("shape", json.dumps(dict(shape), sort_keys=True))
+        try:
+            p = fam.validate(params, arch)
+        except ParamError as e:
+            tr.set_user_attr("failure", f"invalid: {e}")
+            study.tell(tr, state=optuna.trial.TrialState.FAIL)
+            invalid += 1
+            continue
+        pending.append((tr.number, p))
+    results = build_many([(family, p, arch) for _, p in pending], wdir / "bundles", workers=workers,
+                         progress=False)
+    spec = []
+    for (num, p), (_, bdir, err) in zip(pending, results):
+        if err:
+            study.tell(num, state=optuna.trial.TrialState.FAIL)
+            study.set_user_attr(f"compile_failure_{num}", err[:500])
+            log(f"trial {num}: compile failed: {err[:200]}")
+            continue
+        spec.append({"trial": num, "params": p, "bundle": str(bdir), "shape": dict(shape)})
+    old = json.loads((wdir / SPEC).read_text()) if (wdir / SPEC).exists() else {"trials": []}
+    doc = {"family": family, "study": study_name, "storage": storage or DEFAULT_STORAGE, "arch": arch,
+           "trials": old["trials"] + spec}
+    (wdir / SPEC).write_text(json.dumps(doc, indent=1))
+    log(f"{study_name}: {len(spec)} trials compiled, {invalid} invalid (told FAIL), "
+        f"{len(pending) - len(spec)} failed to compile -> {wdir / SPEC}")
+    return wdir
+
+
+# ------------------------------------------------------------------------------------------
+# Runner (GPU host): a supervisor and a persistent worker child, restarted after a crash or hang
+# ------------------------------------------------------------------------------------------
+class Supervisor:
+    """Measures candidates in a child process; a crash or a hang fails that candidate only."""
+
+    def __init__(self, family: str, warmup: int = 10, reps: int = 50, timeout_s: float = 60.0):
+        self.family, self.warmup, self.reps, self.timeout_s = family, warmup, reps, timeout_s
+        self.proc = None
+
+    def _start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlagen.tune", "_worker", self.family, str(self.warmup), str(self.reps)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def measure(self, trial: Mapping) -> dict:
+        """``trial``: {trial, bundle, shape}.  Returns the worker's answer or a failure record."""
+        import selectors
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        try:
+            self.proc.stdin.write(json.dumps(dict(trial)) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.close()
+            return {"trial": trial["trial"], "status": "failed", "reason": "worker died before the trial"}
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline:
+            if sel.select(timeout=min(1.0, max(0.0, deadline - time.time()))):
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+            if self.proc.poll() is not None:
+                break
+        why = "timeout" if self.proc.poll() is None else f"worker exited with status {self.proc.returncode}"
+        self.close()
+        return {"trial": trial["trial"], "status": "failed", "reason": why}
+
+    def close(self):
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def run(workdir: str | os.PathLike, results_dir: str = "results", timeout_s: float = 60.0,
+        warmup: int = 10, reps: int = 50, log=print) -> list[dict]:
+    """Time every trial in ``workdir/trials.json`` not yet measured; append rows to results/tuning.*."""
+    from .report import append_rows
+    wdir = Path(workdir)
+    doc = json.loads((wdir / SPEC).read_text())
+    done_path = wdir / "measured.jsonl"
+    done = {json.loads(l)["trial"] for l in done_path.read_text().splitlines()} if done_path.exists() else set()
+    sup = Supervisor(doc["family"], warmup, reps, timeout_s)
+    rows = []
+    try:
+        for t in doc["trials"]:
+            if t["trial"] in done:
+                continue
+            msg = sup.measure(t)
+            rows.append(_row(doc, t, msg))
+            with done_path.open("a") as f:
+                f.write(json.dumps(msg) + "\n")
+    finally:
+        sup.close()
+    if rows:
+        append_rows(rows, "tuning", results_dir)
+    ok = [r for r in rows if r["status"] == "ok"]
+    log(f"{doc['study']}: {len(ok)} measured, {len(rows) - len(ok)} failed")
+    return rows
+
+
+def _row(doc, t, msg) -> dict:
+    return {"table": "tuning", "family": doc["family"], "study": doc["study"], "trial": t["trial"],
+            "params": json.dumps(t["params"], sort_keys=True), "shape": json.dumps(t["shape"], sort_keys=True),
+            "kernel": Path(t["bundle"]).name if t.get("bundle") else "", "status": msg.get("status", "failed"),
+            "reason": msg.get("reason", ""), "time_us": msg.get("time_us"), "err": msg.get("err"),
+            "gbps": msg.get("gbps"), "device": msg.get("device", ""), "commit": git_commit(), "date": now_utc()}
+
+
+def _worker(family: str, warmup: int, reps: int) -> int:
+    """Child process: read one trial per stdin line, answer one JSON line on stdout."""
+    import numpy as np
+    import torch
+    from . import runtime
+    from .bench import Timer, _clone, _err, _to_torch_inputs
+    fam = families.get(family)
+    timer = Timer(warmup, reps)
+    dev = torch.cuda.get_device_name(0)
+    rng = np.random.default_rng()
+    cache: dict[str, Any] = {}
+    tol = getattr(fam, "tune_tolerance", 2e-2)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        t = json.loads(line)
+        try:
+            if os.environ.get("MLAGEN_TUNE_FAULT") == str(t["trial"]):   # test hook: simulate a crash
+                os._exit(3)
+            k = runtime.load(t["bundle"])
+            key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
+            if key not in cache:
+                prob = fam.make_problem(k.params, t["shape"], rng)
+                base = _to_torch_inputs(fam, k.params, prob, k.layout)
+                outs = k(**{n: v for n, v in _clone(base).items() if v is not None})
+                for n, v in outs.items():
+                    if base.get(n) is None:
+                        base[n] = torch.empty_like(v)
+                ref = _clone(base)
+                fam.torch_impl(k.params, ref)
+                torch.cuda.synchronize()
+                cache = {key: (base, fam.bench_outputs(k.params, ref))}
+            base, ref_out = cache[key]
+            tk = _clone(base)
+            b = k.bind(check_contents=False, **tk)
+            b.launch()
+            torch.cuda.synchronize()
+            err = _err(fam.bench_outputs(k.params, tk), ref_out)
+            if not err <= tol:
+                msg = {"trial": t["trial"], "status": "failed", "reason": f"wrong result: rel err {err:.3g} > {tol}",
+                       "err": err}
+            else:
+                r = timer(b.launch)
+                nbytes = fam.bytes_moved(k.params, b.dims)
+                msg = {"trial": t["trial"], "status": "ok", "time_us": r["time_us"], "err": err,
+                       "gbps": nbytes / (r["time_us"] * 1e-6) / 1e9, "device": dev}
+        except Exception as e:
+            msg = {"trial": t["trial"], "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps(msg), flush=True)
+    return 0
+
+
+def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: str, bundles: str | None = None,
+                fixed: Mapping[str, Any] | None = None, arch: str = "sm_90a", storage: str | None = None,
+                results_dir: str = "results", out_dir: str = "build/tune", seed: int | None = None,
+                timeout_s: float = 60.0, log=print):
+    """ask -> (find or compile) -> measure -> tell, in one process on a GPU host.
+
+    Candidates come from ``bundles`` (precompiled, e.g. a grid built on a CPU host) when given; otherwise
+    they are compiled on the spot (needs the DSL).  Invalid points are told FAIL with the reason.
+    """
+    from .report import append_rows
+    from .runtime import find_bundles
+    optuna = _optuna()
+    fam = families.get(family)
+    sp = space(family)["space"]
+    study = open_study(study_name, storage, seed)
+    prebuilt = {}
+    if bundles:
+        for bd in find_bundles(bundles, family, arch):
+            m = json.loads((bd / "manifest.json").read_text())
+            prebuilt[json.dumps(m["params"], sort_keys=True)] = bd
+    sup = Supervisor(family, timeout_s=timeout_s)
+    doc = {"family": family, "study": study_name}
+    rows = []
+    try:
+        for _ in range(trials):
+            tr = study.ask()
+            params = {**(fixed or {}), **suggest(tr, sp)}
+            try:
+                p = fam.validate(params, arch)
+            except ParamError as e:
+                tr.set_user_attr("failure", f"invalid: {e}")
+                study.tell(tr, state=optuna.trial.TrialState.FAIL)
+                continue
+            key = json.dumps(p, sort_keys=True)
+            if key in prebuilt:
+                bdir = prebuilt[key]
+            else:
+                from .compile import build
+                bdir = build(family, p, arch, Path(out_dir) / study_name / "bundles")
+            t = {"trial": tr.number, "bundle": str(bdir), "shape": dict(shape), "params": p}
+            msg = sup.measure(t)
+            rows.append(_row(doc, t, msg))
+            if msg["status"] == "ok":
+                study.tell(tr, msg["time_us"])
+            else:
+                tr.set_user_attr("failure", msg.get("reason", ""))
+                study.tell(tr, state=optuna.trial.TrialState.FAIL)
+    finally:
+        sup.close()
+    if rows:
+        append_rows(rows, "tuning", results_dir)
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        best = min(ok, key=lambda r: r["time_us"])
+        log(f"{study_name}: {len(ok)} measured; best {best['time_us']:.2f} us {best['params']}")
+    return rows
+
+
+def grid_points(family: str, fixed: Mapping[str, Any] | None = None, arch: str = "sm_90a"):
+    """Every point of the family's search space: (valid params list, [(params, reason)] invalid)."""
+    import itertools
+    fam = families.get(family)
+    sp = space(family)["space"]
+    keys = list(sp)
+    valid, invalid = [], []
+    for vals in itertools.product(*(sp[k] for k in keys)):
+        params = {**(fixed or {}), **dict(zip(keys, vals))}
+        try:
+            valid.append(fam.validate(params, arch))
+        except ParamError as e:
+            invalid.append((params, str(e)))
+    return valid, invalid
+
+
+def replay(measured: Mapping[str, float], family: str, fixed: Mapping[str, Any] | None = None,
+           budget: int = 40, seeds: int = 20, within: float = 0.03, arch: str = "sm_90a") -> dict:
+    """How fast does the sampler find a config within ``within`` of the grid's best?
+
+    ``measured`` maps json(params) -> time of every valid grid point (measured on a GPU).  Each seed runs
+    a fresh in-memory TPE study whose objective looks the time up; invalid points fail as in real tuning.
+    Returns the trials needed per seed (counting invalid ones) and the grid size.
+    """
+    optuna = _optuna()
+    fam = families.get(family)
+    sp = space(family)["space"]
+    best = min(measured.values())
+    need = []
+    for seed in range(seeds):
+        st = optuna.create_study(direction="minimize",
+                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True))
+        hit = None
+        for i in range(budget):
+            tr = st.ask()
+            params = {**(fixed or {}), **suggest(tr, sp)}
+            try:
+                key = json.dumps(fam.validate(params, arch), sort_keys=True)
+            except ParamError:
+                st.tell(tr, state=optuna.trial.TrialState.FAIL)
+                continue
+            if key not in measured:
+                st.tell(tr, state=optuna.trial.TrialState.FAIL)
+                continue
+            v = measured[key]
+            st.tell(tr, v)
+            if v <= best * (1 + within) and hit is None:
+                hit = i + 1
+        need.append(hit if hit is not None else budget + 1)
+    import statistics
+    return {"grid_valid": len(measured), "budget": budget, "trials_needed": need,
+            "median_trials": statistics.median(need), "p90_trials": sorted(need)[int(0.9 * (len(need) - 1))]}
+
+
+def tell(workdir: str | os.PathLike, results_dir: str = "results", storage: str | None = None, log=print) -> int:
+    """Report measured trials (rows in results/tuning.*) to the study; returns how many were told."""
+    from .report import load
+    optuna = _optuna()
+    wdir = Path(workdir)
+    doc = json.loads((wdir / SPEC).read_text())
+    study = open_study(doc["study"], storage or doc["storage"])
+    df = load("tuning", results_dir)
+    df = df[df["study"] == doc["study"]]
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    n = 0
+    for _, r in df.iterrows():
+        num = int(r["trial"])
+        if states.get(num) != optuna.trial.TrialState.RUNNING:
+            continue
+        if r["status"] == "ok":
+            study.tell(num, float(r["time_us"]))
+        else:
+            study.tell(num, state=optuna.trial.TrialState.FAIL)
+            study.set_user_attr(f"failure_{num}", str(r["reason"])[:500])
+        n += 1
+    best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
+    log(f"{doc['study']}: told {n} trials" + (f"; best {best.value:.2f} us with {best.params}" if best else ""))
+    return n
+
+
+def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json") -> dict:
+    """Best measured configuration per (family, shape-defining params, shape) -> a dispatch table.
+
+    Reads both tuning trials and benchmark rows; the runtime Dispatcher consults the table by kernel name.
+    """
+    import pandas as pd
+    from .report import load
+    frames = []
+    for name in ("tuning", "bench"):
+        try:
+            df = load(name, results_dir)
+        except FileNotFoundError:
+            continue
+        if name == "bench":
+            df = df[df["impl"] == "mlagen"].assign(status="ok")
+        frames.append(df[df["status"] == "ok"][["family", "kernel", "shape", "time_us", "device"]])
+    if not frames:
+        raise SystemExit(f"no tuning or bench rows under {results_dir}")
+    df = pd.concat(frames)
+    best = df.sort_values("time_us").groupby(["family", "device", "shape"], as_index=False).first()
+    table: dict = {}
+    for _, r in best.iterrows():
+        table.setdefault(r["family"], {}).setdefault(r["device"], {})[r["shape"]] = {
+            "kernel": r["kernel"], "time_us": float(r["time_us"])}
+    Path(out).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "_worker":
+        sys.exit(_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    print(__doc__)
