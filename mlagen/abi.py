@@ -83,6 +83,7 @@ class TensorArg:
     align: int = 16          # byte alignment the kernel assumes for the base pointer
     io: str = "in"           # 'in' | 'out' | 'inout'
     doc: str = ""
+    host_only: bool = False  # reaches the kernel only through a TensorMapArg / CoordArg built from it
     kind: str = field(default="tensor", init=False)
 
     def __post_init__(self):
@@ -115,11 +116,19 @@ class ScalarArg:
 
 @dataclass(frozen=True)
 class TensorMapArg:
-    """A 128-byte CUtensorMap passed by value (TMA).  ``of`` names the tensor argument it maps."""
+    """A 128-byte CUtensorMap passed by value (TMA), built by the runtime with cuTensorMapEncodeTiled.
+
+    ``of`` names the (usually host-only) tensor argument it maps.  The map's dimensions are the tensor's
+    modes innermost first (the tensor's last mode must have stride 1); ``box`` is in that same order.
+    ``swizzle`` is in bytes (0, 32, 64, 128); ``l2_promotion`` in bytes (0, 64, 128, 256).  These must be
+    exactly what the template's TMA atom assumes.
+    """
     name: str
     of: str
     box: tuple[int, ...]
-    swizzle: int = 128       # bytes: 0, 32, 64, 128
+    modes: tuple[int, ...] = ()   # tensor modes in TMA order, innermost first (default: last mode first)
+    swizzle: int = 128
+    l2_promotion: int = 256
     doc: str = ""
     kind: str = field(default="tensormap", init=False)
 
@@ -127,7 +136,36 @@ class TensorMapArg:
         return ctypes.c_uint8 * 128
 
 
-Arg = Union[TensorArg, ScalarArg, TensorMapArg]
+@dataclass(frozen=True)
+class CoordArg:
+    """The shape of a TMA coordinate tensor (what ``make_tiled_tma_atom`` returns beside the atom):
+    one int32 per dynamic extent of tensor ``of``, in mode order."""
+    name: str
+    of: str
+    doc: str = ""
+    kind: str = field(default="coord", init=False)
+
+    def ctype(self, syms=None, of_arg: "TensorArg | None" = None) -> type:
+        n = sum(isinstance(d, str) for d in of_arg.shape) if of_arg is not None else 0
+        return type(f"Coord_{self.name}", (ctypes.Structure,),
+                    {"_fields_": [(f"shape{i}", ctypes.c_int32) for i in range(n)] or [("_empty", ctypes.c_uint8 * 0)]})
+
+
+@dataclass(frozen=True)
+class ConstArg:
+    """A kernel parameter the DSL derives from a compile-time object (e.g. the accumulate flag of a
+    TiledMma); the runtime passes ``value`` in ``size`` bytes."""
+    name: str
+    size: int = 1
+    value: int = 0
+    doc: str = ""
+    kind: str = field(default="const", init=False)
+
+    def ctype(self, syms=None) -> type:
+        return {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}[self.size]
+
+
+Arg = Union[TensorArg, ScalarArg, TensorMapArg, CoordArg, ConstArg]
 
 
 @dataclass
@@ -165,7 +203,11 @@ class ArgLayout:
             elif kind == "scalar":
                 args.append(ScalarArg(**a))
             elif kind == "tensormap":
-                args.append(TensorMapArg(**{**a, "box": tuple(a["box"])}))
+                args.append(TensorMapArg(**{**a, "box": tuple(a["box"]), "modes": tuple(a.get("modes", ()))}))
+            elif kind == "coord":
+                args.append(CoordArg(**a))
+            elif kind == "const":
+                args.append(ConstArg(**a))
             else:
                 raise ValueError(f"unknown argument kind {kind!r}")
         return cls(syms, args)
@@ -180,10 +222,20 @@ class ArgLayout:
         return [a for a in self.args if isinstance(a, TensorArg)]
 
     # ---- the bytes of each kernel parameter ----
+    def params(self) -> list[Arg]:
+        """The kernel's parameters, in order (host-only tensors are not among them)."""
+        return [a for a in self.args if not (isinstance(a, TensorArg) and a.host_only)]
+
     def ctypes(self) -> list[type]:
-        """The ctypes type of every parameter (built once: making ctypes classes is slow)."""
+        """The ctypes type of every kernel parameter (built once: making ctypes classes is slow)."""
         if self._ctypes is None:
-            self._ctypes = [a.ctype(self.symbols) for a in self.args]
+            out = []
+            for a in self.params():
+                if isinstance(a, CoordArg):
+                    out.append(a.ctype(self.symbols, self.arg(a.of)))
+                else:
+                    out.append(a.ctype(self.symbols))
+            self._ctypes = out
         return self._ctypes
 
     def param_sizes(self) -> list[int]:
@@ -207,7 +259,7 @@ class ArgLayout:
             elif isinstance(a, ScalarArg):
                 lines.append(f"{a.name} = {DTYPES[a.dtype].cute}(0)")
             else:
-                raise NotImplementedError("tensor-map fake arguments are built by the family template")
+                continue   # tensor maps and TMA coordinate tensors are built by the host function
             names.append(a.name)
         lines.append(f"args = ({', '.join(names)},)")
         return "\n".join(indent + l for l in lines)
@@ -221,7 +273,7 @@ class ArgLayout:
         """
         dims: dict[str, int] = {}
         where: dict[str, str] = {}
-        missing = [a.name for a in self.args if not isinstance(a, TensorMapArg) and a.name not in values]
+        missing = [a.name for a in self.args if isinstance(a, (TensorArg, ScalarArg)) and a.name not in values]
         if missing:
             raise ArgumentError(f"{kernel}: missing argument(s) {missing}")
         for a in self.args:
@@ -265,7 +317,7 @@ class ArgLayout:
     def pack(self, values: Mapping[str, Any], tensormaps: Mapping[str, bytes] | None = None):
         """Return (kernelParams address, keepalive) for cuLaunchKernel."""
         bufs = []
-        for a, ct in zip(self.args, self.ctypes()):
+        for a, ct in zip(self.params(), self.ctypes()):
             if isinstance(a, TensorArg):
                 v = values[a.name]
                 b = ct()
@@ -278,10 +330,17 @@ class ArgLayout:
                         setattr(b, f"stride{i}", int(v.strides[i]))
             elif isinstance(a, ScalarArg):
                 b = ct(values[a.name])
+            elif isinstance(a, ConstArg):
+                b = ct(a.value)
+            elif isinstance(a, CoordArg):
+                of, v = self.arg(a.of), values[a.of]
+                b = ct()
+                dyn = [int(v.shape[i]) for i, d in enumerate(of.shape) if isinstance(d, str)]
+                for i, x in enumerate(dyn):
+                    setattr(b, f"shape{i}", x)
             else:
                 raw = (tensormaps or {})[a.name]
-                b = ct()
-                ctypes.memmove(ctypes.addressof(b), raw, 128)
+                b = ct.from_buffer_copy(raw)
             bufs.append(b)
         ptrs = (ctypes.c_void_p * len(bufs))(*[ctypes.addressof(b) for b in bufs])
         return ctypes.addressof(ptrs), (bufs, ptrs)
@@ -293,7 +352,7 @@ def _fmt(shape: Sequence[Dim]) -> str:
 
 def _arg_to_json(a: Arg) -> dict:
     d = {k: getattr(a, k) for k in a.__dataclass_fields__}
-    for k in ("shape", "stride", "box"):
+    for k in ("shape", "stride", "box", "modes"):
         if k in d:
             d[k] = list(d[k])
     return d

@@ -136,7 +136,8 @@ def bench_family(family: str, bundle_dirs, shapes=None, warmup: int = 10, reps: 
         p0 = ks[0].params
         for shape in shapes:
             prob = fam.make_problem(p0, shape, rng)
-            base = _to_torch_inputs(fam, p0, prob, ks[0].layout)
+            base = (fam.torch_inputs(p0, prob) if hasattr(fam, "torch_inputs")
+                    else _to_torch_inputs(fam, p0, prob, ks[0].layout))
             # outputs shaped by a first (checked) run of the first kernel
             t0 = _clone(base)
             outs = ks[0](**{n: v for n, v in t0.items() if v is not None})

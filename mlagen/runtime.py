@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import families
-from .abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, TensorArg
+from .abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, TensorArg, TensorMapArg
 
 MANIFEST = "manifest.json"
 
@@ -285,7 +285,9 @@ class BoundLaunch:
         torch_inputs = any(isinstance(v, DeviceArray) and type(v.owner).__module__.startswith("torch")
                            for v in views.values())
         self.stream = drv.CUstream(stream_handle(stream, device, torch_inputs))
-        self.params, self._keep = kernel.layout.pack(views)
+        tmaps = {a.name: encode_tensor_map(views[a.of], a, kernel.name)
+                 for a in kernel.layout.params() if isinstance(a, TensorMapArg)}
+        self.params, self._keep = kernel.layout.pack(views, tmaps)
         self.empty = grid[0] * grid[1] * grid[2] == 0
         self._launch = drv.cuLaunchKernel
         self._args = (self.fn, grid[0], grid[1], grid[2], *kernel.block, kernel.smem, self.stream, self.params, 0)
@@ -299,6 +301,46 @@ class BoundLaunch:
 
     def outputs(self) -> dict:
         return {a.name: self.views[a.name].owner for a in self.kernel.layout.tensors() if a.io != "in"}
+
+
+_TMA_DTYPE = {"f8e4m3": "UINT8", "u8": "UINT8", "bf16": "BFLOAT16", "f16": "FLOAT16", "f32": "FLOAT32",
+              "i32": "INT32", "u32": "UINT32", "i64": "INT64"}
+
+
+def encode_tensor_map(view: DeviceArray, arg: TensorMapArg, kernel: str = "kernel") -> bytes:
+    """cuTensorMapEncodeTiled for ``view`` as ``arg`` declares it; returns the 128 descriptor bytes."""
+    drv = _driver()
+    isz = DTYPES[view.dtype].itemsize
+    rank = len(view.shape)
+    modes = list(arg.modes) or list(range(rank - 1, -1, -1))
+    inner = modes[0]
+    if view.strides[inner] != 1 and view.shape[inner] != 1:
+        raise ArgumentError(f"{kernel}: '{arg.of}' mode {inner} must have stride 1 for TMA (strides {view.strides})")
+    if view.ptr % 16:
+        raise ArgumentError(f"{kernel}: '{arg.of}' must be 16-byte aligned for TMA")
+    dims = [int(view.shape[m]) for m in modes]
+    gstrides = [int(view.strides[m]) * isz for m in modes[1:]]
+    if any(g % 16 for g in gstrides):
+        raise ArgumentError(f"{kernel}: '{arg.of}' strides {view.strides} must be multiples of 16 bytes for TMA")
+    if len(arg.box) != rank:
+        raise ArgumentError(f"{kernel}: tensor map '{arg.name}' has a {len(arg.box)}-d box for a rank-{rank} tensor")
+    E = drv
+    dt = getattr(E.CUtensorMapDataType, f"CU_TENSOR_MAP_DATA_TYPE_{_TMA_DTYPE[view.dtype]}")
+    sw = {0: "NONE", 32: "32B", 64: "64B", 128: "128B"}[arg.swizzle]
+    l2 = {0: "NONE", 64: "L2_64B", 128: "L2_128B", 256: "L2_256B"}[arg.l2_promotion]
+    err, tmap = drv.cuTensorMapEncodeTiled(
+        dt, rank, view.ptr,
+        [E.cuuint64_t(d) for d in dims],
+        [E.cuuint64_t(g) for g in gstrides],
+        [E.cuuint32_t(int(b)) for b in arg.box],
+        [E.cuuint32_t(1)] * rank,
+        E.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        getattr(E.CUtensorMapSwizzle, f"CU_TENSOR_MAP_SWIZZLE_{sw}"),
+        getattr(E.CUtensorMapL2promotion, f"CU_TENSOR_MAP_L2_PROMOTION_{l2}"),
+        E.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    _check(err, f"cuTensorMapEncodeTiled({kernel}: {arg.name} of '{arg.of}', shape {view.shape}, box {arg.box})")
+    import struct
+    return struct.pack("<16Q", *[int(x) for x in tmap.opaque])
 
 
 def _alloc_like(ref: DeviceArray, shape: tuple, dtype: str):

@@ -65,8 +65,10 @@ def open_study(name: str, storage: str | None = None, seed: int | None = None):
                                sampler=sampler, load_if_exists=True)
 
 
-def suggest(trial, sp: Mapping[str, list]) -> dict:
-    return {k: trial.suggest_categorical(k, list(v)) for k, v in sp.items()}
+def suggest(trial, sp: Mapping[str, list], fixed: Mapping[str, Any] | None = None) -> dict:
+    """``fixed`` merged with a suggestion for every knob of ``sp`` that ``fixed`` does not pin."""
+    fixed = dict(fixed or {})
+    return {**fixed, **{k: trial.suggest_categorical(k, list(v)) for k, v in sp.items() if k not in fixed}}
 
 
 def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out_dir: str | os.PathLike,
@@ -86,7 +88,7 @@ def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out
     pending, invalid = [], 0
     for _ in range(trials):
         tr = study.ask()
-        params = {**(fixed or {}), **suggest(tr, sp)}
+        params = suggest(tr, sp, fixed)
         tr.set_user_attr("shape", json.dumps(dict(shape), sort_keys=True))
         try:
             p = fam.validate(params, arch)
@@ -95,13 +97,15 @@ def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out
             study.tell(tr, state=optuna.trial.TrialState.FAIL)
             invalid += 1
             continue
-        pending.append((tr.number, p))
+        pending.append((tr, p))
     results = build_many([(family, p, arch) for _, p in pending], wdir / "bundles", workers=workers,
                          progress=False)
     spec = []
-    for (num, p), (_, bdir, err) in zip(pending, results):
+    for (tr, p), (_, bdir, err) in zip(pending, results):
+        num = tr.number
         if err:
-            study.tell(num, state=optuna.trial.TrialState.FAIL)
+            tr.set_user_attr("failure", f"compile failed: {err[:500]}")
+            study.tell(tr, state=optuna.trial.TrialState.FAIL)
             study.set_user_attr(f"compile_failure_{num}", err[:500])
             log(f"trial {num}: compile failed: {err[:200]}")
             continue
@@ -124,47 +128,86 @@ class Supervisor:
     def __init__(self, family: str, warmup: int = 10, reps: int = 50, timeout_s: float = 60.0):
         self.family, self.warmup, self.reps, self.timeout_s = family, warmup, reps, timeout_s
         self.proc = None
+        self._stderr = None
+
+    def command(self) -> list[str]:
+        """The worker's command line (one trial per stdin line, one JSON answer per stdout line)."""
+        return [sys.executable, "-m", "mlagen.tune", "_worker", self.family, str(self.warmup), str(self.reps)]
 
     def _start(self):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlagen.tune", "_worker", self.family, str(self.warmup), str(self.reps)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        import tempfile
+        self._stderr = tempfile.TemporaryFile()      # kept to say why a worker died
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, bufsize=1)
+
+    def _why_dead(self) -> str:
+        """Exit status and the last line the worker wrote to stderr (its exception, usually)."""
+        try:
+            self.proc.wait(timeout=10)           # stdout closes a moment before the exit status is there
+        except subprocess.TimeoutExpired:
+            return "worker closed its output but did not exit"
+        why = f"worker exited with status {self.proc.returncode}"
+        last = ""
+        if self._stderr is not None:
+            try:
+                self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 4096))
+                lines = [l.strip() for l in self._stderr.read().decode(errors="replace").splitlines() if l.strip()]
+                last = lines[-1] if lines else ""
+            except (OSError, ValueError):
+                pass
+        return f"{why}: {last[:300]}" if last else why
+
+    def _fail(self, trial: Mapping, why: str) -> dict:
+        self.close()
+        return {"trial": trial["trial"], "status": "failed", "reason": why}
 
     def measure(self, trial: Mapping) -> dict:
         """``trial``: {trial, bundle, shape}.  Returns the worker's answer or a failure record."""
         import selectors
         if self.proc is None or self.proc.poll() is not None:
+            self.close()
             self._start()
         try:
             self.proc.stdin.write(json.dumps(dict(trial)) + "\n")
             self.proc.stdin.flush()
-        except BrokenPipeError:
-            self.close()
-            return {"trial": trial["trial"], "status": "failed", "reason": "worker died before the trial"}
+        except (BrokenPipeError, OSError):
+            return self._fail(trial, "worker died before the trial (" + self._why_dead() + ")")
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if sel.select(timeout=min(1.0, max(0.0, deadline - time.time()))):
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                try:
-                    return json.loads(line)
-                except ValueError:
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if sel.select(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
+                    line = self.proc.stdout.readline()
+                    if not line:                     # EOF: the worker is gone
+                        return self._fail(trial, self._why_dead())
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue                     # something else printed to stdout
+                    if isinstance(msg, dict) and msg.get("trial") == trial["trial"]:
+                        return msg
                     continue
-            if self.proc.poll() is not None:
-                break
-        why = "timeout" if self.proc.poll() is None else f"worker exited with status {self.proc.returncode}"
-        self.close()
-        return {"trial": trial["trial"], "status": "failed", "reason": why}
+                if self.proc.poll() is not None:
+                    return self._fail(trial, self._why_dead())
+        finally:
+            sel.close()
+        return self._fail(trial, f"timeout: no answer within {self.timeout_s:g} s")
 
     def close(self):
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
+            for f in (self.proc.stdin, self.proc.stdout):
+                try:
+                    f.close()
+                except (OSError, ValueError):
+                    pass
             self.proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
 
 def run(workdir: str | os.PathLike, results_dir: str = "results", timeout_s: float = 60.0,
@@ -187,8 +230,8 @@ def run(workdir: str | os.PathLike, results_dir: str = "results", timeout_s: flo
                 f.write(json.dumps(msg) + "\n")
     finally:
         sup.close()
-    if rows:
-        append_rows(rows, "tuning", results_dir)
+        if rows:    # also when interrupted: measured.jsonl already counts these trials as done
+            append_rows(rows, "tuning", results_dir)
     ok = [r for r in rows if r["status"] == "ok"]
     log(f"{doc['study']}: {len(ok)} measured, {len(rows) - len(ok)} failed")
     return rows
@@ -225,7 +268,8 @@ def _worker(family: str, warmup: int, reps: int) -> int:
             key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
             if key not in cache:
                 prob = fam.make_problem(k.params, t["shape"], rng)
-                base = _to_torch_inputs(fam, k.params, prob, k.layout)
+                base = (fam.torch_inputs(k.params, prob) if hasattr(fam, "torch_inputs")
+                        else _to_torch_inputs(fam, k.params, prob, k.layout))
                 outs = k(**{n: v for n, v in _clone(base).items() if v is not None})
                 for n, v in outs.items():
                     if base.get(n) is None:
@@ -280,7 +324,7 @@ def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: 
     try:
         for _ in range(trials):
             tr = study.ask()
-            params = {**(fixed or {}), **suggest(tr, sp)}
+            params = suggest(tr, sp, fixed)
             try:
                 p = fam.validate(params, arch)
             except ParamError as e:
@@ -292,7 +336,13 @@ def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: 
                 bdir = prebuilt[key]
             else:
                 from .compile import build
-                bdir = build(family, p, arch, Path(out_dir) / study_name / "bundles")
+                try:
+                    bdir = build(family, p, arch, Path(out_dir) / study_name / "bundles")
+                except Exception as e:   # CompileError, DSL missing: fail this trial, go on
+                    tr.set_user_attr("failure", f"compile failed: {type(e).__name__}: {str(e)[:500]}")
+                    study.tell(tr, state=optuna.trial.TrialState.FAIL)
+                    log(f"trial {tr.number}: compile failed: {str(e)[:200]}")
+                    continue
             t = {"trial": tr.number, "bundle": str(bdir), "shape": dict(shape), "params": p}
             msg = sup.measure(t)
             rows.append(_row(doc, t, msg))
@@ -303,8 +353,8 @@ def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: 
                 study.tell(tr, state=optuna.trial.TrialState.FAIL)
     finally:
         sup.close()
-    if rows:
-        append_rows(rows, "tuning", results_dir)
+        if rows:
+            append_rows(rows, "tuning", results_dir)
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:
         best = min(ok, key=lambda r: r["time_us"])
@@ -317,7 +367,7 @@ def grid_points(family: str, fixed: Mapping[str, Any] | None = None, arch: str =
     import itertools
     fam = families.get(family)
     sp = space(family)["space"]
-    keys = list(sp)
+    keys = [k for k in sp if k not in (fixed or {})]
     valid, invalid = [], []
     for vals in itertools.product(*(sp[k] for k in keys)):
         params = {**(fixed or {}), **dict(zip(keys, vals))}
@@ -347,7 +397,7 @@ def replay(measured: Mapping[str, float], family: str, fixed: Mapping[str, Any] 
         hit = None
         for i in range(budget):
             tr = st.ask()
-            params = {**(fixed or {}), **suggest(tr, sp)}
+            params = suggest(tr, sp, fixed)
             try:
                 key = json.dumps(fam.validate(params, arch), sort_keys=True)
             except ParamError:
@@ -375,27 +425,42 @@ def tell(workdir: str | os.PathLike, results_dir: str = "results", storage: str 
     study = open_study(doc["study"], storage or doc["storage"])
     df = load("tuning", results_dir)
     df = df[df["study"] == doc["study"]]
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    running = {t.number: t for t in study.get_trials(deepcopy=False)
+               if t.state == optuna.trial.TrialState.RUNNING}
     n = 0
     for _, r in df.iterrows():
         num = int(r["trial"])
-        if states.get(num) != optuna.trial.TrialState.RUNNING:
+        ft = running.pop(num, None)       # a trial measured twice (rows merged from two runs) is told once
+        if ft is None:
             continue
         if r["status"] == "ok":
             study.tell(num, float(r["time_us"]))
         else:
+            reason = "" if r.get("reason") is None or r.get("reason") != r.get("reason") else str(r["reason"])
+            optuna.trial.Trial(study, ft._trial_id).set_user_attr("failure", reason[:500])
             study.tell(num, state=optuna.trial.TrialState.FAIL)
-            study.set_user_attr(f"failure_{num}", str(r["reason"])[:500])
+            study.set_user_attr(f"failure_{num}", reason[:500])
         n += 1
     best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
     log(f"{doc['study']}: told {n} trials" + (f"; best {best.value:.2f} us with {best.params}" if best else ""))
     return n
 
 
-def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json") -> dict:
-    """Best measured configuration per (family, shape-defining params, shape) -> a dispatch table.
+def _kernel_name(kernel) -> str:
+    """The kernel name the runtime knows (``Kernel.name``): tuning rows name bundle folders
+    (``<kernel_name>.<arch>``), bench rows the kernel itself."""
+    from .families.base import ARCHES
+    k = str(kernel)
+    stem, dot, arch = k.rpartition(".")
+    return stem if dot and arch in ARCHES else k
 
-    Reads both tuning trials and benchmark rows; the runtime Dispatcher consults the table by kernel name.
+
+def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json") -> dict:
+    """Best measured configuration per (family, device, shape) -> a dispatch table.
+
+    Reads both tuning trials and benchmark rows (``impl == "mlagen"``); failed trials, other
+    implementations and rows without a kernel or a time are left out.  The table is
+    ``{family: {device: {shape json: {"kernel": kernel_name, "time_us": t}}}}``.
     """
     import pandas as pd
     from .report import load
@@ -410,8 +475,12 @@ def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json
         frames.append(df[df["status"] == "ok"][["family", "kernel", "shape", "time_us", "device"]])
     if not frames:
         raise SystemExit(f"no tuning or bench rows under {results_dir}")
-    df = pd.concat(frames)
-    best = df.sort_values("time_us").groupby(["family", "device", "shape"], as_index=False).first()
+    df = pd.concat(frames, ignore_index=True)
+    df["time_us"] = pd.to_numeric(df["time_us"], errors="coerce")
+    df = df[df["time_us"].notna() & df["kernel"].notna() & (df["kernel"].astype(str) != "")]
+    df = df.assign(device=df["device"].fillna("").astype(str), kernel=df["kernel"].map(_kernel_name))
+    # the whole fastest row per group (groupby().first() would mix columns of different rows)
+    best = df.loc[df.groupby(["family", "device", "shape"], sort=True)["time_us"].idxmin()]
     table: dict = {}
     for _, r in best.iterrows():
         table.setdefault(r["family"], {}).setdefault(r["device"], {})[r["shape"]] = {

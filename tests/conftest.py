@@ -1,7 +1,7 @@
 """Test configuration: GPU / compile markers, fresh randomness, and result rows for GPU runs.
 
 GPU tests (marked ``gpu``) are skipped where torch sees no CUDA device.  They launch bundles from
-``$MLAGEN_BUNDLES`` (default ``build/gpu``, made by ``python scripts/build_gpu_suite.py`` on any
+``$MLAGEN_BUNDLES`` (default ``build/gpu/test``, made by ``python scripts/build_gpu_suite.py`` on any
 machine with the DSL).  Every GPU test's outcome and metrics (``record_property``) become a row in
 ``$MLAGEN_RESULTS_DIR/gpu_tests.{csv,parquet}`` (default ``results/``) with device, commit and date.
 """
@@ -46,7 +46,7 @@ def rng():
 
 
 def bundles_root() -> Path:
-    return Path(os.environ.get("MLAGEN_BUNDLES", "build/gpu"))
+    return Path(os.environ.get("MLAGEN_BUNDLES", "build/gpu/test"))
 
 
 def gpu_bundles(family: str) -> list[Path]:

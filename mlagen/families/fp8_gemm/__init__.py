@@ -1,0 +1,227 @@
+"""fp8_gemm: blockwise-scaled FP8 batched GEMM on Hopper (TMA + wgmma), for MLA's absorbed projections.
+
+    C[m, n, l] = sum_k A[m, k, l] * B[n, k, l] * sa[m // gm, k // 128, l] * sb[n // gn, k // 128, l]
+
+A and B are fp8 e4m3 and K-major (k contiguous); the scales are float32; C is bf16 with fp32
+accumulation.  Every k tile (128, the k scale granularity) is multiplied by wgmma into a fresh fp32
+partial that is then scaled and added to the accumulator, as DeepGEMM does.  ``m_scale_granularity`` /
+``n_scale_granularity`` are 1 (per row) or multiples of the tile; per-tensor scaling is a stride-0 view of
+a one-element scale.  The batch mode ``l`` takes any strides, so MLA's ``q_nope [T, H, 128] @ w_uk`` runs
+head-major or token-major without copies (``l`` = head, rows = tokens).
+
+Tensors are declared in CuTe's (rows, k, batch) order; :func:`run` takes torch's ``[L, M, K]`` /
+``[L, N, K]`` / ``[L, M, N]`` (or 2-D) tensors and permutes the views.  The runtime builds the two TMA
+descriptors (cuTensorMapEncodeTiled) from the arrays at bind time.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ...abi import ArgLayout, ArgumentError, ConstArg, CoordArg, Sym, TensorArg, TensorMapArg
+from ...numerics import FP8_E4M3_MAX, quantize_fp8
+from ..base import Family, Param, Problem
+
+TILE_K = 128
+
+
+class FP8Gemm(Family):
+    name = "fp8_gemm"
+    template = "fp8_gemm.py.j2"
+    doc = "blockwise-scaled FP8 (e4m3) batched GEMM, bf16 out, TMA + wgmma (sm_90a)"
+    params = (
+        Param("tile_m", 128, choices=(64, 128), doc="rows of C per CTA (64 per MMA warpgroup)"),
+        Param("tile_n", 128, choices=(64, 128, 256), doc="columns of C per CTA"),
+        Param("stages", 4, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages"),
+        Param("m_scale_granularity", 1, choices=(1, 64, 128, 256), doc="rows of A per scale (1 = 1x128 activations)"),
+        Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
+    )
+    shape_params = ("m_scale_granularity", "n_scale_granularity")
+
+    def constraints(self, p, arch):
+        errs = []
+        if arch != "sm_90a":
+            errs.append(f"the wgmma template targets sm_90a, not {arch}")
+        regs = 2 * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
+        if regs > 128:
+            errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
+                        "(accumulator + k-tile partial); at most 128 fit")
+        for g, t in (("m_scale_granularity", "tile_m"), ("n_scale_granularity", "tile_n")):
+            if p[g] > 1 and p[g] % p[t] and p[t] % p[g]:
+                errs.append(f"{g}={p[g]} must divide or be a multiple of {t}={p[t]}")
+        return errs
+
+    def smem_bytes(self, p):
+        return p["stages"] * (p["tile_m"] + p["tile_n"]) * TILE_K + 2 * 1024 + 16 * p["stages"] + 256
+
+    def layout(self, p) -> ArgLayout:
+        syms = {s.name: s for s in [
+            Sym("M", 32, doc="rows of A and C"), Sym("N", 32, doc="rows of B, columns of C"),
+            Sym("K", 32, TILE_K, "reduction length (multiple of 128)"), Sym("L", 32, doc="batch"),
+            Sym("sam", 64, 16, "A row stride"), Sym("sal", 64, 16, "A batch stride"),
+            Sym("sbn", 64, 16, "B row stride"), Sym("sbl", 64, 16, "B batch stride"),
+            Sym("scm", 64, 1, "C row stride"), Sym("scl", 64, 1, "C batch stride"),
+            Sym("MS", 32, doc="A scale rows"), Sym("NS", 32, doc="B scale rows"), Sym("KS", 32, doc="k scale blocks"),
+            Sym("s1m", 64, doc="sa row stride"), Sym("s1k", 64, doc="sa k stride"), Sym("s1l", 64, doc="sa batch stride"),
+            Sym("s2n", 64, doc="sb row stride"), Sym("s2k", 64, doc="sb k stride"), Sym("s2l", 64, doc="sb batch stride"),
+        ]}
+        tm, tn = p["tile_m"], p["tile_n"]
+        args = [
+            TensorArg("a", "f8e4m3", ("M", "K", "L"), ("sam", 1, "sal"), 16, "in", "activations (M, K, L)", host_only=True),
+            TensorArg("b", "f8e4m3", ("N", "K", "L"), ("sbn", 1, "sbl"), 16, "in", "weights (N, K, L)", host_only=True),
+            TensorMapArg("tma_a", "a", (TILE_K, tm, 1), (1, 0, 2), 128, 256),
+            CoordArg("coord_a", "a"),
+            TensorMapArg("tma_b", "b", (TILE_K, tn, 1), (1, 0, 2), 128, 256),
+            CoordArg("coord_b", "b"),
+            TensorArg("c", "bf16", ("M", "N", "L"), ("scm", 1, "scl"), 4, "out"),
+            TensorArg("sa", "f32", ("MS", "KS", "L"), ("s1m", "s1k", "s1l"), 4, "in", "A scales"),
+            TensorArg("sb", "f32", ("NS", "KS", "L"), ("s2n", "s2k", "s2l"), 4, "in", "B scales"),
+            ConstArg("mma_accumulate", 1, 0, "the TiledMma's accumulate flag (set in the kernel before use)"),
+        ]
+        return ArgLayout(syms, args)
+
+    def block(self, p):
+        return (128 * (1 + p["tile_m"] // 64), 1, 1)
+
+    def grid(self, p, dims):
+        return (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
+
+    def template_context(self, p, arch):
+        return dict(**p)
+
+    def kernel_name(self, p):
+        return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
+                f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}")
+
+    def check_call(self, p, views, dims, contents: bool = True):
+        k = self.name
+        if dims["KS"] != dims["K"] // TILE_K:
+            raise ArgumentError(f"{k}: scales have {dims['KS']} k blocks but K={dims['K']} needs {dims['K'] // TILE_K}")
+        for sym, n, g, name in (("MS", "M", p["m_scale_granularity"], "sa"), ("NS", "N", p["n_scale_granularity"], "sb")):
+            want = -(-dims[n] // g)
+            if dims[sym] != want:
+                raise ArgumentError(f"{k}: '{name}' has {dims[sym]} rows but {n}={dims[n]} with granularity {g} "
+                                    f"needs {want}")
+
+    # ---------------- numbers ----------------
+    def flops(self, p, dims):
+        return 2 * dims["M"] * dims["N"] * dims["K"] * dims["L"]
+
+    def bytes_moved(self, p, dims):
+        M, N, K, L = dims["M"], dims["N"], dims["K"], dims["L"]
+        return L * (M * K + N * K + 2 * M * N + 4 * (-(-M // p["m_scale_granularity"]) + -(-N // p["n_scale_granularity"])) * (K // TILE_K))
+
+    def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
+        """A and B quantised from random float32 by blocks (rows of A: 1 x 128 per gm rows; B: gn x 128)."""
+        M, N, K, L = int(dims["M"]), int(dims["N"]), int(dims["K"]), int(dims.get("L", 1))
+        gm, gn = p["m_scale_granularity"], p["n_scale_granularity"]
+        a, sa = _quantize_blocks(rng.standard_normal((L, M, K)).astype(np.float32) * 2.0, gm)
+        b, sb = _quantize_blocks(rng.standard_normal((L, N, K)).astype(np.float32) * 0.05, gn)
+        return Problem(dict(M=M, N=N, K=K, L=L), dict(a=a, b=b, sa=sa, sb=sb))
+
+    def reference(self, p, inputs, precision: str = "f64") -> dict:
+        """float64 C [L, M, N] from the dequantised operands."""
+        a = _dequant(inputs["a"], inputs["sa"], p["m_scale_granularity"])
+        b = _dequant(inputs["b"], inputs["sb"], p["n_scale_granularity"])
+        return {"c": np.einsum("lmk,lnk->lmn", a, b)}
+
+    # ---------------- torch-facing call ----------------
+    def torch_args(self, a, b, sa, sb, c=None):
+        """Views in the kernel's (rows, k, batch) order from torch's [L, M, K] / [L, N, K] / [L, MS, KS] (or 2-D)."""
+        import torch
+        two_d = a.dim() == 2
+        if two_d:
+            a, b, sa, sb = a[None], b[None], sa[None], sb[None]
+            if c is not None:
+                c = c[None]
+        if c is None:
+            c = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=torch.bfloat16, device=a.device)
+        args = dict(a=a.permute(1, 2, 0), b=b.permute(1, 2, 0), sa=sa.permute(1, 2, 0), sb=sb.permute(1, 2, 0),
+                    c=c.permute(1, 2, 0))
+        return args, (c[0] if two_d else c)
+
+    def torch_inputs(self, p, prob) -> dict:
+        """CUDA tensors for ``prob`` in the kernel's argument order (views of torch-ordered storage)."""
+        from ...interop import to_torch
+        x = prob.inputs
+        args, _ = self.torch_args(to_torch(x["a"], "f8e4m3"), to_torch(x["b"], "f8e4m3"),
+                                  to_torch(x["sa"], "f32"), to_torch(x["sb"], "f32"))
+        return args
+
+    def torch_impl(self, p, t):
+        """torch's own blockwise fp8 GEMM (``torch._scaled_mm`` with 1x128 / 128x128 scales) where it
+        applies (L = 1, granularities 1 x 128); otherwise dequantise and multiply in float32."""
+        import torch
+        L = t["a"].shape[2]
+        if L == 1 and p["m_scale_granularity"] == 1 and p["n_scale_granularity"] == 128:
+            a = t["a"][:, :, 0]
+            b = t["b"][:, :, 0]
+            sa = t["sa"][:, :, 0]
+            sb = t["sb"][:, :, 0]
+            out = _scaled_mm_blockwise(a, b, sa, sb)
+            if out is not None:
+                t["c"][:, :, 0].copy_(out)
+                return
+        a = t["a"].permute(2, 0, 1).float()
+        b = t["b"].permute(2, 0, 1).float()
+        sa = t["sa"].permute(2, 0, 1).repeat_interleave(p["m_scale_granularity"], 1)[:, : a.shape[1]]
+        sb = t["sb"].permute(2, 0, 1).repeat_interleave(p["n_scale_granularity"], 1)[:, : b.shape[1]]
+        sa = sa.repeat_interleave(TILE_K, 2)
+        sb = sb.repeat_interleave(TILE_K, 2)
+        t["c"].copy_(torch.bmm(a * sa, (b * sb).transpose(1, 2)).permute(1, 2, 0))
+
+    def bench_outputs(self, p, t):
+        return {"c": t["c"].float()}
+
+    bench_shapes = [dict(M=m, N=n, K=k) for m in (1, 64, 128, 4096) for n, k in ((7168, 2048), (2112, 7168))]
+
+
+_SCALED_MM_FORM: list = []
+
+
+def _scaled_mm_blockwise(a, b, sa, sb):
+    """torch._scaled_mm with blockwise scales; tries the scale layouts torch versions accept, remembers the
+    one that works.  Returns None when this torch build has no blockwise fp8 GEMM."""
+    import torch
+    forms = {
+        "outer_major": lambda: (sa.t().contiguous().t(), sb.t().contiguous().t().t()),
+        "contiguous": lambda: (sa.contiguous(), sb.t().contiguous()),
+        "outer_major_b_rowmajor": lambda: (sa.t().contiguous().t(), sb.t().contiguous()),
+    }
+    order = _SCALED_MM_FORM[:1] + [f for f in forms if f not in _SCALED_MM_FORM[:1]]
+    for name in order:
+        if name == "none":
+            return None
+        try:
+            s_a, s_b = forms[name]()
+            out = torch._scaled_mm(a, b.t(), scale_a=s_a, scale_b=s_b, out_dtype=torch.bfloat16)
+            if not _SCALED_MM_FORM:
+                _SCALED_MM_FORM.append(name)
+            return out
+        except Exception:
+            continue
+    _SCALED_MM_FORM.append("none")
+    return None
+
+
+def _quantize_blocks(x: np.ndarray, g: int):
+    """x [L, R, K] -> (fp8 values, float32 scales [L, ceil(R/g), K/128]) with amax/448 per (g x 128) block."""
+    L, R, K = x.shape
+    rs = -(-R // g)
+    pad = rs * g - R
+    xp = np.concatenate([x, np.zeros((L, pad, K), np.float32)], axis=1) if pad else x
+    blk = np.abs(xp).reshape(L, rs, g, K // TILE_K, TILE_K)
+    amax = blk.max(axis=(2, 4))
+    scale = (np.maximum(amax, 1e-12) / FP8_E4M3_MAX).astype(np.float32)
+    full = np.repeat(np.repeat(scale, g, axis=1)[:, :R], TILE_K, axis=2)
+    return quantize_fp8(x / full), scale
+
+
+def _dequant(q: np.ndarray, s: np.ndarray, g: int) -> np.ndarray:
+    R = q.shape[1]
+    full = np.repeat(np.repeat(s.astype(np.float64), g, axis=1)[:, :R], TILE_K, axis=2)
+    return q.astype(np.float64) * full
+
+
+family = FP8Gemm()
