@@ -126,10 +126,10 @@ class TensorMapArg:
     name: str
     of: str
     box: tuple[int, ...]
-    modes: tuple[int, ...] = ()   # tensor modes in TMA order, innermost first (default: last mode first)
     swizzle: int = 128
     l2_promotion: int = 256
     doc: str = ""
+    modes: tuple[int, ...] = ()   # tensor modes in TMA order, innermost first (default: last mode first)
     kind: str = field(default="tensormap", init=False)
 
     def ctype(self, syms=None) -> type:

@@ -80,6 +80,7 @@ class Family:
     params: tuple[Param, ...] = ()
     # Names of the parameters that fix the shapes a bundle serves (the rest are tuning knobs).
     shape_params: tuple[str, ...] = ()
+    arches: tuple[str, ...] = ARCHES    # architectures the template supports
 
     # ---------------- parameters ----------------
     def param(self, name: str) -> Param:
@@ -94,8 +95,8 @@ class Family:
         for k in given:
             self.param(k)
         p = {q.name: q.coerce(given.get(q.name, q.default)) for q in self.params}
-        if arch not in ARCHES:
-            raise ParamError(f"arch '{arch}' is not supported; choose one of {list(ARCHES)}")
+        if arch not in self.arches:
+            raise ParamError(f"{self.name}: arch '{arch}' is not supported; choose one of {list(self.arches)}")
         errs = list(self.constraints(p, arch))
         smem = self.smem_bytes(p)
         if smem > SMEM_LIMIT[arch]:
