@@ -206,6 +206,8 @@ def row(fam, kernel, impl, p, dims, shape, r, ceil, dev, commit, date, err, eage
     d["pct_copy"] = 100.0 * d["gbps"] / d["ceiling_gbps"] if d["ceiling_gbps"] else float("nan")
     if eager_us:
         d["speedup_vs_eager"] = eager_us / r["time_us"]
+    if impl != "mlagen":
+        d["baseline"] = fam.baseline_desc(p)
     if kernel is not None:
         d["registers"] = kernel.manifest.get("resources", {}).get("registers")
     return d

@@ -371,7 +371,7 @@ def cmd_tune_grid(args) -> int:
     fixed = parse_kv(args.param)
     valid, invalid = tune.grid_points(args.family, fixed, args.arch)
     for params, why in invalid:
-        print(f"invalid {params}: {why.splitlines()[-1].strip()}")
+        print(f"invalid {params}: {_short_error(why)}")
     wdir = Path(args.out) / args.study
     res = build_many([(args.family, p, args.arch) for p in valid], wdir / "bundles", workers=args.workers,
                      progress=False)
@@ -385,8 +385,15 @@ def cmd_tune_grid(args) -> int:
             trials.append({"trial": n, "params": p, "bundle": str(bdir), "shape": shape})
             n += 1
     wdir.mkdir(parents=True, exist_ok=True)
-    (wdir / tune.SPEC).write_text(_json.dumps({"family": args.family, "study": args.study, "storage": "",
-                                               "arch": args.arch, "trials": trials}, indent=1))
+    spec = wdir / tune.SPEC
+    if spec.exists() and _json.loads(spec.read_text()).get("trials") != trials:
+        # trial numbers now name other points: what tune-run recorded as measured no longer applies
+        stale = wdir / "measured.jsonl"
+        if stale.exists():
+            stale.unlink()
+            print(f"{stale} removed: the grid changed")
+    spec.write_text(_json.dumps({"family": args.family, "study": args.study, "storage": "",
+                                 "arch": args.arch, "trials": trials}, indent=1))
     print(f"{len(valid)} valid points ({len(invalid)} invalid) x {len(shapes)} shapes -> {wdir / tune.SPEC}")
     return EXIT_OK
 
@@ -605,7 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(str(e))
         return EXIT_USAGE
     except (FileNotFoundError, KeyError, ValueError) as e:
-        if args.cmd in ("report", "results-merge"):
+        if args.cmd in ("report", "results-merge") or (
+                isinstance(e, FileNotFoundError) and args.cmd in ("tune-run", "tune-tell", "tune-replay", "export")):
             _err(str(e).strip("'\""))
             return EXIT_FAIL
         raise

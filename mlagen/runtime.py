@@ -373,19 +373,25 @@ def find_bundles(root: str | os.PathLike, family: str | None = None, arch: str |
 
 
 class Dispatcher:
-    """Pick, per call, a kernel of one family whose layout accepts the call's shapes.
+    """Pick, per call, the kernel of one family to launch.
 
-    ``table`` (optional) maps a shape key to the preferred kernel name (written by ``mlagen export``);
-    without an entry the family's ``prefer`` heuristic orders the candidates.
+    Candidates are the kernels whose layout accepts the call (dtypes, static sizes, alignment...).  The
+    tuned table (``mlagen export``: family -> device -> shape bucket -> kernel name) names the measured
+    best for the call's bucket (``family.bucket(dims)``: dynamic sizes rounded up to powers of two); for
+    a bucket the table lacks, the family's ``prefer`` heuristic chooses.  Choices are cached per call
+    signature.
     """
 
-    def __init__(self, kernels: Iterable[Kernel], table: Mapping[str, str] | None = None):
+    def __init__(self, kernels: Iterable[Kernel], table: Mapping | None = None, device_name: str | None = None):
         self.kernels = list(kernels)
         if not self.kernels:
             raise ValueError("Dispatcher needs at least one kernel")
         self.family = self.kernels[0].family
-        self.table = dict(table or {})
+        fam_table = dict((table or {}).get(self.family.name, {}))
+        self._device_name = device_name
+        self._tables = fam_table
         self._cache: dict[Any, Kernel] = {}
+        self.last_reason = ""
 
     @classmethod
     def from_dir(cls, root, family: str, arch: str | None = None, table_path: str | None = None):
@@ -393,29 +399,45 @@ class Dispatcher:
         table = json.loads(Path(table_path).read_text()) if table_path else None
         return cls(ks, table)
 
+    def _table_for_device(self, device: int) -> Mapping:
+        name = self._device_name
+        if name is None:
+            drv = _driver()
+            err, dev = drv.cuDeviceGet(device)
+            _check(err, "cuDeviceGet")
+            err, raw = drv.cuDeviceGetName(256, dev)
+            _check(err, "cuDeviceGetName")
+            name = raw.split(b"\0", 1)[0].decode()
+        if name in self._tables:
+            return self._tables[name]
+        return next(iter(self._tables.values()), {})   # another device's table beats none
+
     def select(self, kwargs: Mapping[str, Any]) -> Kernel:
-        errors = []
-        key = self.family.shape_key(kwargs) if hasattr(self.family, "shape_key") else None
-        if key is not None and key in self._cache:
-            return self._cache[key]
-        ok = []
+        sig = tuple(sorted((n, tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", type(v).__name__)),
+                            tuple(v.stride()) if hasattr(v, "stride") and callable(v.stride) else None)
+                           for n, v in kwargs.items() if not isinstance(v, (int, float))))
+        if sig in self._cache:
+            return self._cache[sig]
+        errors, ok, dims, device = [], [], None, 0
         for k in self.kernels:
             try:
-                k.prepare(kwargs, check_contents=False)
+                _, d, _, device = k.prepare(kwargs, check_contents=False)
                 ok.append(k)
+                dims = d
             except ArgumentError as e:
                 errors.append(f"{k.name}: {e}")
         if not ok:
             raise ArgumentError("no kernel accepts this call:\n  " + "\n  ".join(errors))
-        chosen = None
-        if key is not None and str(key) in self.table:
-            chosen = next((k for k in ok if k.name == self.table[str(key)]), None)
-        if chosen is None:
-            prefer = getattr(self.family, "prefer", None)
-            chosen = prefer(ok, kwargs) if prefer else ok[0]
-        if key is not None:
-            self._cache[key] = chosen
+        bucket = self.family.table_key(ok[0].params, dims)
+        entry = self._table_for_device(device).get(bucket) if self._tables else None
+        chosen = next((k for k in ok if entry and k.name == entry.get("kernel")), None)
+        if chosen is not None:
+            self.last_reason = f"tuned table entry for {bucket}"
+        else:
+            chosen = self.family.prefer(ok, dims)
+            self.last_reason = f"heuristic ({'no table entry for ' + bucket if self._tables else 'no table'})"
+        self._cache[sig] = chosen
         return chosen
 
-    def __call__(self, stream=None, **kwargs):
-        return self.select(kwargs)(stream=stream, **kwargs)
+    def __call__(self, stream=None, check_contents: bool = True, **kwargs):
+        return self.select(kwargs)(stream=stream, check_contents=check_contents, **kwargs)

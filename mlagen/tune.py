@@ -55,9 +55,26 @@ def _optuna():
     return optuna
 
 
+def storage_url(storage: str | None = None) -> str:
+    """The SQLAlchemy URL for ``storage`` (default: the SQLite file under results/).
+
+    A bare ``postgresql://`` (or ``postgres://``) URL names the driver SQLAlchemy picks by default, which
+    is psycopg 3 from SQLAlchemy 2.1 on; where only psycopg2 (the ``postgres`` extra) is installed, the
+    URL is pinned to it so that ``postgresql://user@host/db`` works either way.
+    """
+    import importlib.util
+    url = storage or DEFAULT_STORAGE
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
 def open_study(name: str, storage: str | None = None, seed: int | None = None):
     optuna = _optuna()
-    storage = storage or DEFAULT_STORAGE
+    storage = storage_url(storage)
     if storage.startswith("sqlite:///"):
         Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
@@ -129,6 +146,7 @@ class Supervisor:
         self.family, self.warmup, self.reps, self.timeout_s = family, warmup, reps, timeout_s
         self.proc = None
         self._stderr = None
+        self._buf = b""                           # bytes read from the worker's stdout, not yet a full line
 
     def command(self) -> list[str]:
         """The worker's command line (one trial per stdin line, one JSON answer per stdout line)."""
@@ -137,8 +155,11 @@ class Supervisor:
     def _start(self):
         import tempfile
         self._stderr = tempfile.TemporaryFile()      # kept to say why a worker died
+        self._buf = b""
+        # stdout unbuffered and read with os.read: a buffered readline could swallow the answer along with
+        # a line printed before it, leaving select() nothing to report until the deadline
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, bufsize=1)
+                                     stderr=self._stderr, bufsize=0)
 
     def _why_dead(self) -> str:
         """Exit status and the last line the worker wrote to stderr (its exception, usually)."""
@@ -168,27 +189,33 @@ class Supervisor:
             self.close()
             self._start()
         try:
-            self.proc.stdin.write(json.dumps(dict(trial)) + "\n")
+            self.proc.stdin.write((json.dumps(dict(trial)) + "\n").encode())
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             return self._fail(trial, "worker died before the trial (" + self._why_dead() + ")")
+        fd = self.proc.stdout.fileno()
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         deadline = time.monotonic() + self.timeout_s
         try:
-            while time.monotonic() < deadline:
-                if sel.select(timeout=min(1.0, max(0.0, deadline - time.monotonic()))):
-                    line = self.proc.stdout.readline()
-                    if not line:                     # EOF: the worker is gone
-                        return self._fail(trial, self._why_dead())
+            while True:
+                while b"\n" in self._buf:
+                    line, self._buf = self._buf.split(b"\n", 1)
                     try:
                         msg = json.loads(line)
                     except ValueError:
                         continue                     # something else printed to stdout
                     if isinstance(msg, dict) and msg.get("trial") == trial["trial"]:
                         return msg
-                    continue
-                if self.proc.poll() is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if sel.select(timeout=min(1.0, left)):
+                    chunk = os.read(fd, 1 << 16)
+                    if not chunk:                    # EOF: the worker is gone
+                        return self._fail(trial, self._why_dead())
+                    self._buf += chunk
+                elif self.proc.poll() is not None:
                     return self._fail(trial, self._why_dead())
         finally:
             sel.close()
@@ -205,6 +232,7 @@ class Supervisor:
                 except (OSError, ValueError):
                     pass
             self.proc = None
+        self._buf = b""
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
@@ -242,7 +270,8 @@ def _row(doc, t, msg) -> dict:
             "params": json.dumps(t["params"], sort_keys=True), "shape": json.dumps(t["shape"], sort_keys=True),
             "kernel": Path(t["bundle"]).name if t.get("bundle") else "", "status": msg.get("status", "failed"),
             "reason": msg.get("reason", ""), "time_us": msg.get("time_us"), "err": msg.get("err"),
-            "gbps": msg.get("gbps"), "device": msg.get("device", ""), "commit": git_commit(), "date": now_utc()}
+            "gbps": msg.get("gbps"), "device": msg.get("device", ""), "dims": msg.get("dims", ""),
+            "commit": git_commit(), "date": now_utc()}
 
 
 def _worker(family: str, warmup: int, reps: int) -> int:
@@ -291,7 +320,8 @@ def _worker(family: str, warmup: int, reps: int) -> int:
                 r = timer(b.launch)
                 nbytes = fam.bytes_moved(k.params, b.dims)
                 msg = {"trial": t["trial"], "status": "ok", "time_us": r["time_us"], "err": err,
-                       "gbps": nbytes / (r["time_us"] * 1e-6) / 1e9, "device": dev}
+                       "gbps": nbytes / (r["time_us"] * 1e-6) / 1e9, "device": dev,
+                       "dims": json.dumps(dict(b.dims), sort_keys=True)}
         except Exception as e:
             msg = {"trial": t["trial"], "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(msg), flush=True)
@@ -456,11 +486,10 @@ def _kernel_name(kernel) -> str:
 
 
 def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json") -> dict:
-    """Best measured configuration per (family, device, shape) -> a dispatch table.
+    """Best measured kernel per (family, device, shape bucket) -> the table ``runtime.Dispatcher`` reads.
 
-    Reads both tuning trials and benchmark rows (``impl == "mlagen"``); failed trials, other
-    implementations and rows without a kernel or a time are left out.  The table is
-    ``{family: {device: {shape json: {"kernel": kernel_name, "time_us": t}}}}``.
+    Reads benchmark rows and tuning trials (rows that carry the call's ``dims``); the bucket is
+    ``family.bucket(dims)``.
     """
     import pandas as pd
     from .report import load
@@ -470,20 +499,27 @@ def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json
             df = load(name, results_dir)
         except FileNotFoundError:
             continue
+        if "dims" not in df:
+            continue
         if name == "bench":
             df = df[df["impl"] == "mlagen"].assign(status="ok")
-        frames.append(df[df["status"] == "ok"][["family", "kernel", "shape", "time_us", "device"]])
+        df = df[(df["status"] == "ok") & df["dims"].notna() & (df["dims"].astype(str) != "")]
+        frames.append(df[["family", "kernel", "params", "dims", "time_us", "device"]])
     if not frames:
-        raise SystemExit(f"no tuning or bench rows under {results_dir}")
+        raise SystemExit(f"no tuning or bench rows with dims under {results_dir}")
     df = pd.concat(frames, ignore_index=True)
     df["time_us"] = pd.to_numeric(df["time_us"], errors="coerce")
     df = df[df["time_us"].notna() & df["kernel"].notna() & (df["kernel"].astype(str) != "")]
+    # tuning rows name bundle folders (<kernel>.<arch>); the Dispatcher matches Kernel.name
     df = df.assign(device=df["device"].fillna("").astype(str), kernel=df["kernel"].map(_kernel_name))
-    # the whole fastest row per group (groupby().first() would mix columns of different rows)
-    best = df.loc[df.groupby(["family", "device", "shape"], sort=True)["time_us"].idxmin()]
+    df["bucket"] = [families.get(f).table_key(json.loads(p), json.loads(d))
+                    for f, p, d in zip(df["family"], df["params"], df["dims"])]
+    # the whole fastest row per group (groupby().first() would take each column's first non-null value,
+    # possibly from different rows)
+    best = df.loc[df.groupby(["family", "device", "bucket"], sort=True)["time_us"].idxmin()]
     table: dict = {}
     for _, r in best.iterrows():
-        table.setdefault(r["family"], {}).setdefault(r["device"], {})[r["shape"]] = {
+        table.setdefault(r["family"], {}).setdefault(r["device"], {})[r["bucket"]] = {
             "kernel": r["kernel"], "time_us": float(r["time_us"])}
     Path(out).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table

@@ -173,10 +173,21 @@ class FP8Gemm(Family):
     def bench_outputs(self, p, t):
         return {"c": t["c"].float()}
 
+    def baseline_desc(self, p) -> str:
+        form = _SCALED_MM_FORM[0] if _SCALED_MM_FORM else "untried"
+        return "dequantise + fp32 bmm" if form in ("none", "untried") else f"torch._scaled_mm blockwise ({form})"
+
+    def bucket(self, dims) -> str:
+        return f"M{_pow2(dims['M'])}_N{dims['N']}_K{dims['K']}_L{dims['L']}"
+
     bench_shapes = [dict(M=m, N=n, K=k) for m in (1, 64, 128, 4096) for n, k in ((7168, 2048), (2112, 7168))]
 
 
 _SCALED_MM_FORM: list = []
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _scaled_mm_blockwise(a, b, sa, sb):

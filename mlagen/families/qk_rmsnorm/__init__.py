@@ -39,6 +39,12 @@ class QKRMSNorm(Family):
         Param("rsqrt", "ieee", choices=("ieee", "approx"), doc="1/sqrt rounding: ieee (bit-exact) or approx"),
     )
     shape_params = ("dtype", "out_dtype", "nq", "nk")
+    bucket_dims = ("M",)
+
+    def prefer(self, kernels, dims):
+        """Small batches: one row per CTA (more CTAs); large: the measured best (64 threads, 1-2 rows)."""
+        want_rows = 1 if dims["M"] < 4096 else 2
+        return min(kernels, key=lambda k: (abs(k.params["rows_per_cta"] - want_rows), k.params["threads_per_row"] != 64))
 
     def vec(self, p) -> int:
         return 16 // DTYPES[p["dtype"]].itemsize

@@ -51,6 +51,13 @@ class RopeRMSNormQuant(Family):
     )
     shape_params = ("kv_lora_rank", "rope_dim", "num_heads", "page_size", "cache_dtype", "quant_granularity",
                     "rope_layout", "gamma_dtype")
+    bucket_dims = ("T",)
+
+    def prefer(self, kernels, dims):
+        """Decode-sized batches: split heads over 4 CTAs; large batches: whole tokens per warp, 8 warps."""
+        if dims["T"] <= 1024:
+            return min(kernels, key=lambda k: (abs(k.params["head_splits"] - 4), k.params["tokens_per_cta"]))
+        return min(kernels, key=lambda k: (k.params["head_splits"], -k.params["tokens_per_cta"]))
 
     # ---------------- parameters ----------------
     def constraints(self, p, arch):
@@ -305,13 +312,14 @@ class RopeRMSNormQuant(Family):
         kv, r = p["kv_lora_rank"], p["rope_dim"]
         T = t["q_rope"].shape[0]
         b, pos, page, slot = self._slots_torch(p, t)
-        fr = t["freqs_cis"][pos]
-        cos, sin = fr[:, 0::2], fr[:, 1::2]
+        fr = t["freqs_cis"][pos].view(T, r // 2, 2)       # (cos, sin) pairs; no strided slices (Inductor)
+        cos, sin = fr[..., 0], fr[..., 1]
 
         def rope(x, c, s):
             if p["rope_layout"] == "interleaved":
-                a, bb = x[..., 0::2], x[..., 1::2]
-                return torch.stack([a * c - bb * s, bb * c + a * s], dim=-1).flatten(-2)
+                xp = x.view(*x.shape[:-1], r // 2, 2)
+                a, bb = xp[..., 0], xp[..., 1]
+                return torch.stack([a * c - bb * s, bb * c + a * s], dim=-1).view(x.shape)
             a, bb = x[..., : r // 2], x[..., r // 2:]
             return torch.cat([a * c - bb * s, bb * c + a * s], dim=-1)
 

@@ -1,0 +1,58 @@
+"""runtime.Dispatcher: tuned table first, family heuristic otherwise (no GPU: numpy-backed array views)."""
+import json
+
+import numpy as np
+import pytest
+
+from mlagen import compile as mcompile
+from mlagen import families, runtime
+from mlagen.runtime import DeviceArray
+
+pytestmark = pytest.mark.compile
+
+
+def _views(p, M):
+    fam = families.get("qk_rmsnorm")
+    x = fam.make_problem(p, {"M": M}, np.random.default_rng(0)).inputs
+    out, base = {}, [1 << 24]
+
+    def dv(a, dt):
+        base[0] += 1 << 24
+        return DeviceArray(base[0], a.shape, tuple(s // a.itemsize for s in a.strides), dt, 0, a)
+    for n in ("q", "k"):
+        out[n] = dv(x[n], p["dtype"])
+    for n in ("gamma_q", "gamma_k", "qk_var"):
+        out[n] = dv(x[n], "f32")
+    out["q_out"] = dv(np.empty_like(x["q"]), p["out_dtype"])
+    out["k_out"] = dv(np.empty_like(x["k"]), p["out_dtype"])
+    out["eps"] = 1e-6
+    return out
+
+
+def test_dispatcher_uses_table_then_heuristic(tmp_path):
+    bundles = [mcompile.build("qk_rmsnorm", {"rows_per_cta": r}, "sm_90a", tmp_path) for r in (1, 4)]
+    ks = [runtime.load(b) for b in bundles]
+    fam = ks[0].family
+    key = fam.table_key(ks[0].params, {"M": 64})
+    table = {"qk_rmsnorm": {"GPU X": {key: {"kernel": ks[1].name, "time_us": 1.0}}}}
+    d = runtime.Dispatcher(ks, table, device_name="GPU X")
+    assert d.select(_views(ks[0].params, 64)) is ks[1]
+    assert "tuned table" in d.last_reason
+    # M=5000 rounds to bucket M8192: not in the table -> heuristic (large batches prefer 2 rows per CTA)
+    chosen = d.select(_views(ks[0].params, 5000))
+    assert "heuristic" in d.last_reason and chosen in ks
+    # a kernel that cannot take the call is never chosen, whatever the table says
+    bad = {"qk_rmsnorm": {"GPU X": {key: {"kernel": "nope", "time_us": 1.0}}}}
+    assert runtime.Dispatcher(ks, bad, device_name="GPU X").select(_views(ks[0].params, 64)) in ks
+
+
+def test_export_builds_a_table_the_dispatcher_reads(tmp_path):
+    from mlagen import report, tune
+    fam = families.get("qk_rmsnorm")
+    p = fam.validate({})
+    rows = [dict(table="bench", family="qk_rmsnorm", impl="mlagen", kernel=f"k{i}", params=json.dumps(p),
+                 dims=json.dumps({"M": 64}), time_us=t, device="GPU X", status="ok")
+            for i, t in enumerate([3.0, 2.0, 5.0])]
+    report.append_rows(rows, "bench", tmp_path)
+    table = tune.export(str(tmp_path), tmp_path / "d.json")
+    assert table["qk_rmsnorm"]["GPU X"][fam.table_key(p, {"M": 64})]["kernel"] == "k1"
