@@ -180,7 +180,11 @@ class FP8Gemm(Family):
     def bucket(self, dims) -> str:
         return f"M{_pow2(dims['M'])}_N{dims['N']}_K{dims['K']}_L{dims['L']}"
 
-    bench_shapes = [dict(M=m, N=n, K=k) for m in (1, 64, 128, 4096) for n, k in ((7168, 2048), (2112, 7168))]
+    # DeepSeek-V3 projections (N x K) at decode and prefill batch sizes, and MLA's absorbed BMMs
+    # (q_nope @ w_uk: N=512, K=128; attention output @ w_uv: N=128, K=512; batch = heads).
+    bench_shapes = ([dict(M=m, N=n, K=k) for m in (1, 64, 4096)
+                     for n, k in ((7168, 2048), (2112, 7168), (24576, 1536), (7168, 16384))]
+                    + [dict(M=t, N=n, K=k, L=h) for h in (16, 128) for t in (64, 1024) for n, k in ((512, 128), (128, 512))])
 
 
 _SCALED_MM_FORM: list = []
