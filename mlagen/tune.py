@@ -88,6 +88,45 @@ def suggest(trial, sp: Mapping[str, list], fixed: Mapping[str, Any] | None = Non
     return {**fixed, **{k: trial.suggest_categorical(k, list(v)) for k, v in sp.items() if k not in fixed}}
 
 
+MAX_INVALID_STREAK = 8
+
+
+def ask_valid(study, fam, sp: Mapping[str, list], fixed: Mapping[str, Any] | None, arch: str,
+              pool: list | None = None, rng=None, on_invalid=None, attrs: Mapping[str, Any] | None = None):
+    """Ask until the sampler proposes a valid point; return (trial, validated params).
+
+    Invalid proposals are told FAIL with the reason in the trial's ``failure`` attribute: they cost no
+    compile and no GPU time.  TPE learns nothing from FAIL trials, so where most of the space is invalid
+    it keeps proposing invalid neighbours of its best points; after ``MAX_INVALID_STREAK`` of them in a
+    row, a uniformly drawn valid point (``pool``, default: the valid grid) is enqueued instead.
+    """
+    import numpy as np
+    optuna = _optuna()
+    rng = rng if rng is not None else np.random.default_rng()
+    streak = 0
+    while True:
+        tr = study.ask()
+        for k, v in (attrs or {}).items():
+            tr.set_user_attr(k, v)
+        params = suggest(tr, sp, fixed)
+        try:
+            return tr, fam.validate(params, arch)
+        except ParamError as e:
+            tr.set_user_attr("failure", f"invalid: {e}")
+            study.tell(tr, state=optuna.trial.TrialState.FAIL)
+            if on_invalid is not None:
+                on_invalid(params, e)
+            streak += 1
+            if streak >= MAX_INVALID_STREAK:
+                if pool is None:
+                    pool = grid_points(fam.name, fixed, arch)[0]
+                if not pool:
+                    raise ParamError(f"{fam.name}: no valid point in the search space with {dict(fixed or {})}")
+                pick = pool[int(rng.integers(len(pool)))]
+                study.enqueue_trial({k: pick[k] for k in sp if k not in (fixed or {})})
+                streak = 0
+
+
 def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out_dir: str | os.PathLike,
         fixed: Mapping[str, Any] | None = None, arch: str = "sm_90a", storage: str | None = None,
         workers: int = 1, seed: int | None = None, log=print) -> Path:
@@ -103,18 +142,15 @@ def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out
     wdir = Path(out_dir) / study_name
     wdir.mkdir(parents=True, exist_ok=True)
     pending, invalid = [], 0
+    counter = {"invalid": 0}
+
+    def _invalid(params, e):
+        counter["invalid"] += 1
     for _ in range(trials):
-        tr = study.ask()
-        params = suggest(tr, sp, fixed)
-        tr.set_user_attr("shape", json.dumps(dict(shape), sort_keys=True))
-        try:
-            p = fam.validate(params, arch)
-        except ParamError as e:
-            tr.set_user_attr("failure", f"invalid: {e}")
-            study.tell(tr, state=optuna.trial.TrialState.FAIL)
-            invalid += 1
-            continue
+        tr, p = ask_valid(study, fam, sp, fixed, arch, on_invalid=_invalid,
+                          attrs={"shape": json.dumps(dict(shape), sort_keys=True)})
         pending.append((tr, p))
+    invalid = counter["invalid"]
     results = build_many([(family, p, arch) for _, p in pending], wdir / "bundles", workers=workers,
                          progress=False)
     spec = []
@@ -353,14 +389,7 @@ def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: 
     rows = []
     try:
         for _ in range(trials):
-            tr = study.ask()
-            params = suggest(tr, sp, fixed)
-            try:
-                p = fam.validate(params, arch)
-            except ParamError as e:
-                tr.set_user_attr("failure", f"invalid: {e}")
-                study.tell(tr, state=optuna.trial.TrialState.FAIL)
-                continue
+            tr, p = ask_valid(study, fam, sp, fixed, arch)
             key = json.dumps(p, sort_keys=True)
             if key in prebuilt:
                 bdir = prebuilt[key]
@@ -413,27 +442,26 @@ def replay(measured: Mapping[str, float], family: str, fixed: Mapping[str, Any] 
     """How fast does the sampler find a config within ``within`` of the grid's best?
 
     ``measured`` maps json(params) -> time of every valid grid point (measured on a GPU).  Each seed runs
-    a fresh in-memory TPE study whose objective looks the time up; invalid points fail as in real tuning.
-    Returns the trials needed per seed (counting invalid ones) and the grid size.
+    a fresh in-memory TPE study whose objective looks the time up.  Invalid proposals are rejected as in
+    real tuning (:func:`ask_valid`) and, costing no compile or GPU time, are not counted: the result is
+    the number of measured trials per seed until one is within ``within`` of the grid's best.
     """
+    import numpy as np
     optuna = _optuna()
     fam = families.get(family)
     sp = space(family)["space"]
     best = min(measured.values())
+    pool = [json.loads(k) for k in measured]
     need = []
     for seed in range(seeds):
         st = optuna.create_study(direction="minimize",
                                  sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True))
+        rng = np.random.default_rng(seed)
         hit = None
         for i in range(budget):
-            tr = st.ask()
-            params = suggest(tr, sp, fixed)
-            try:
-                key = json.dumps(fam.validate(params, arch), sort_keys=True)
-            except ParamError:
-                st.tell(tr, state=optuna.trial.TrialState.FAIL)
-                continue
-            if key not in measured:
+            tr, p = ask_valid(st, fam, sp, fixed, arch, pool=pool, rng=rng)
+            key = json.dumps(p, sort_keys=True)
+            if key not in measured:          # valid but not measured (e.g. failed on the GPU)
                 st.tell(tr, state=optuna.trial.TrialState.FAIL)
                 continue
             v = measured[key]

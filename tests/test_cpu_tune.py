@@ -157,7 +157,8 @@ def test_ask_compiles_valid_points_and_tell_reports_measurements(tmp_path):
     for p in ENQUEUED:                                           # deterministic points, whatever the sampler
         pre.enqueue_trial(p)
     log = []
-    wdir = tune.ask("qk_rmsnorm", {"M": 64}, len(ENQUEUED), "qk_m64", out, fixed=QK_FIXED, storage=storage,
+    # --trials counts valid (compiled) trials: the 2 invalid enqueued points are rejected on the way
+    wdir = tune.ask("qk_rmsnorm", {"M": 64}, 3, "qk_m64", out, fixed=QK_FIXED, storage=storage,
                     seed=0, log=log.append)
     assert wdir == out / "qk_m64"
     assert "3 trials compiled, 2 invalid (told FAIL), 0 failed to compile" in log[-1]
@@ -214,7 +215,8 @@ def test_ask_compiles_valid_points_and_tell_reports_measurements(tmp_path):
     tune.ask("qk_rmsnorm", {"M": 64}, 2, "qk_m64", out, fixed=QK_FIXED, storage=storage, seed=1, log=log.append)
     doc2 = json.loads((wdir / tune.SPEC).read_text())
     nums = [t["trial"] for t in doc2["trials"]]
-    assert nums[:3] == [1, 2, 4] and len(set(nums)) == len(nums) and set(nums[3:]) <= {5, 6}
+    # two more valid trials (invalid proposals on the way take trial numbers too, but are not listed)
+    assert nums[:3] == [1, 2, 4] and len(set(nums)) == len(nums) and len(nums) == 5 and min(nums[3:]) >= 5
     assert len(tune.open_study("qk_m64", storage).get_trials()) == 7
 
 
@@ -421,10 +423,9 @@ def test_replay_with_fixed_shape_params():
     assert r["trials_needed"] == [11, 11]
 
 
-@pytest.mark.xfail(reason="invalid points are told FAIL and TPE ignores FAIL trials, so where most of the space "
-                          "is invalid (16 heads: 50 of 80 points) it keeps proposing invalid neighbours of the "
-                          "best points and rarely reaches the optimum", strict=False)
 def test_replay_finds_the_optimum_where_most_points_are_invalid():
+    # 16 heads: 50 of 80 points are invalid.  TPE ignores FAIL trials; ask_valid enqueues a random valid
+    # point after a streak of invalid proposals, so the study keeps making progress.
     valid, _ = tune.grid_points("rope_rmsnorm_quant", H16)
     measured = {json.dumps(p, sort_keys=True): _rope_time(p) for p in valid}
     r = tune.replay(measured, "rope_rmsnorm_quant", H16, budget=100, seeds=6, within=0.0)
