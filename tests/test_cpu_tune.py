@@ -217,7 +217,7 @@ def test_ask_compiles_valid_points_and_tell_reports_measurements(tmp_path):
     nums = [t["trial"] for t in doc2["trials"]]
     # two more valid trials (invalid proposals on the way take trial numbers too, but are not listed)
     assert nums[:3] == [1, 2, 4] and len(set(nums)) == len(nums) and len(nums) == 5 and min(nums[3:]) >= 5
-    assert len(tune.open_study("qk_m64", storage).get_trials()) == 7
+    assert len(tune.open_study("qk_m64", storage).get_trials()) == max(nums) + 1
 
 
 # ------------------------------------------------------------------ the supervised runner
