@@ -98,7 +98,7 @@ def _to_torch_inputs(fam, p, prob, layout) -> dict:
 
 
 def _clone(t: dict) -> dict:
-    return {k: (v.clone() if hasattr(v, "clone") else v) for k, v in t.items()}
+    return {k: (v.clone() if hasattr(v, "clone") else v) for k, v in t.items() if not k.startswith("_")}
 
 
 def _err(a: Mapping, b: Mapping) -> float:

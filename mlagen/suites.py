@@ -30,13 +30,16 @@ TEST["fp8_gemm"] = [
     {"tile_m": 64, "tile_n": 128, "stages": 4},
     {"m_scale_granularity": 128, "n_scale_granularity": 128},
     {"tile_n": 64, "stages": 6, "m_scale_granularity": 1, "n_scale_granularity": 1},
+    {"tile_m": 64, "tile_n": 32, "stages": 12},
+    {"epilogue": "direct"},
 ]
 
 # Performance: a small grid of tuning knobs at the default shapes.
 BENCH = {
     "fp8_gemm": [
         {"tile_m": tm, "tile_n": tn, "stages": st} for tm in (64, 128) for tn in (64, 128) for st in (4, 6)
-    ],
+    ] + [{"tile_m": 64, "tile_n": 32, "stages": 12}, {"tile_m": 64, "tile_n": 64, "stages": 10},
+         {"tile_m": 64, "tile_n": 128, "stages": 8}],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],
