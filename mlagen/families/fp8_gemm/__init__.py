@@ -36,6 +36,7 @@ class FP8Gemm(Family):
         Param("stages", 4, choices=(2, 3, 4, 5, 6, 8, 10, 12), doc="shared-memory pipeline stages"),
         Param("m_scale_granularity", 1, choices=(1, 64, 128, 256), doc="rows of A per scale (1 = 1x128 activations)"),
         Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
+        Param("overlap", True, doc="two k-tile partials: the next wgmma runs while the last is scaled"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
@@ -44,8 +45,8 @@ class FP8Gemm(Family):
 
     def constraints(self, p, arch):
         errs = []
-        regs = 2 * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
-        if regs > 128:
+        regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
+        if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
                         "(accumulator + k-tile partial); at most 128 fit")
         for g, t in (("m_scale_granularity", "tile_m"), ("n_scale_granularity", "tile_n")):
@@ -101,10 +102,13 @@ class FP8Gemm(Family):
 
     def kernel_name(self, p):
         return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
-                f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct"))
+                f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
+                + ("" if p["overlap"] else "_serial"))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
+        if dims["K"] == 0:
+            raise ArgumentError(f"{k}: K=0: the reduction dimension of 'a' and 'b' is empty")
         if dims["KS"] != dims["K"] // TILE_K:
             raise ArgumentError(f"{k}: scales have {dims['KS']} k blocks but K={dims['K']} needs {dims['K'] // TILE_K}")
         for sym, n, g, name in (("MS", "M", p["m_scale_granularity"], "sa"), ("NS", "N", p["n_scale_granularity"], "sb")):
