@@ -32,7 +32,7 @@ TEST["fp8_gemm"] = [
     {"tile_n": 64, "stages": 6, "m_scale_granularity": 1, "n_scale_granularity": 1},
     {"tile_m": 64, "tile_n": 32, "stages": 12},
     {"epilogue": "direct"},
-    {"overlap": False},
+    {"overlap": True},
 ]
 
 # Performance: a small grid of tuning knobs at the default shapes.
@@ -40,7 +40,7 @@ BENCH = {
     "fp8_gemm": [
         {"tile_m": tm, "tile_n": tn, "stages": st} for tm in (64, 128) for tn in (64, 128) for st in (4, 6)
     ] + [{"tile_m": 64, "tile_n": 32, "stages": 12}, {"tile_m": 64, "tile_n": 64, "stages": 10},
-         {"tile_m": 64, "tile_n": 128, "stages": 8}, {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": False}],
+         {"tile_m": 64, "tile_n": 128, "stages": 8}, {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True}],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],
