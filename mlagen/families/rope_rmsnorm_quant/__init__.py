@@ -349,7 +349,7 @@ class RopeRMSNormQuant(Family):
         import torch
         off = t["input_row_offsets"].long()
         tok = torch.arange(t["q_rope"].shape[0], device=off.device)
-        b = torch.searchsorted(off[1:], tok, right=True)
+        b = torch.searchsorted(off, tok, right=True) - 1    # not off[1:]: Inductor rejects a sliced sorter
         pos = t["cache_lengths"].long()[b] + tok - off[b]
         page = t["page_table"][b, pos // p["page_size"]].long()
         return b, pos, page, pos % p["page_size"]
