@@ -252,31 +252,34 @@ def cmd_build_suite(args) -> int:
             for fam_name, p, a in suites.jobs(sets[which], arch):
                 if args.family and fam_name not in args.family:
                     continue
-                key = (fam_name, json.dumps(p, sort_keys=True), a)
+                key = (which, fam_name, json.dumps(p, sort_keys=True), a)
                 if key not in seen:
                     seen.add(key)
-                    jobs.append((fam_name, p, a))
+                    jobs.append((which, fam_name, p, a))
     if not jobs:
         raise UsageError(f"no suite configurations for {args.family or 'any family'}")
     rows: list[list[Any]] = []
     valid = []
-    for fam_name, p, a in jobs:
+    for which, fam_name, p, a in jobs:
         try:
             families.get(fam_name).validate(p, a)
-            valid.append((fam_name, p, a))
+            valid.append((which, fam_name, p, a))
         except ParamError as e:
             rows.append(["invalid", fam_name, a, json.dumps(p, sort_keys=True), "", _short_error(str(e))])
     failed = 0
     if args.dry_run:
-        rows += [["valid", f, a, json.dumps(p, sort_keys=True), "", ""] for f, p, a in valid]
+        rows += [["valid", f, a, json.dumps(p, sort_keys=True), "", ""] for _, f, p, a in valid]
     elif valid:
         from . import compile as mcompile
         from .env import git_commit
         if not mcompile.dsl_available():
             _err("compiling needs nvidia-cutlass-dsl (pip install -e '.[compile]')")
             return EXIT_FAIL
-        for (f, p, a), path, err in mcompile.build_many(valid, args.out, workers=args.workers,
-                                                        progress=not args.quiet):
+        built = []
+        for which in chosen:   # out/test holds what the GPU tests launch, out/bench what the benchmarks time
+            sel = [(f, p, a) for w, f, p, a in valid if w == which]
+            built += mcompile.build_many(sel, Path(args.out) / which, workers=args.workers, progress=not args.quiet)
+        for (f, p, a), path, err in built:
             if err is not None:
                 failed += 1
                 rows.append(["FAILED", f, a, json.dumps(p, sort_keys=True), "", err.splitlines()[0]])

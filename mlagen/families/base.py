@@ -58,25 +58,6 @@ class Param:
             raise ParamError(f"parameter '{self.name}'={v!r} is above its maximum {self.hi}")
         return v
 
-    def baseline_desc(self, p: dict) -> str:
-        """What the torch_eager rows of the benchmark ran."""
-        return "torch ops (float32 compute)"
-
-    def bucket(self, dims: Mapping[str, int]) -> str:
-        """The dispatch-table key of a call: its dynamic sizes, rounded up to powers of two."""
-        return "_".join(f"{k}{1 << max(0, int(v) - 1).bit_length()}" for k, v in sorted(dims.items())
-                        if k in self.bucket_dims)
-
-    bucket_dims: tuple[str, ...] = ()
-
-    def table_key(self, p: Mapping, dims: Mapping[str, int]) -> str:
-        """Dispatch-table key: the shape-defining parameters and the size bucket."""
-        return ",".join(f"{k}={p[k]}" for k in self.shape_params) + "|" + self.bucket(dims)
-
-    def prefer(self, kernels: list, dims: Mapping[str, int]):
-        """Heuristic choice among kernels that accept a call, when the tuned table has no entry."""
-        return kernels[0]
-
     def describe(self) -> str:
         if self.choices is not None:
             dom = "{" + ", ".join(map(str, self.choices)) + "}"
