@@ -324,8 +324,13 @@ def cmd_report(args) -> int:
     if not names:
         _err(f"no result tables in {args.results}/")
         return EXIT_FAIL
-    for i, n in enumerate(names):
+    def _load(n):
         df = report.load(n, args.results)
+        if args.family and "family" in df:
+            df = df[df["family"] == args.family]
+        return df
+    for i, n in enumerate(names):
+        df = _load(n)
         if i:
             print()
         print(f"== {n} ==")
@@ -333,8 +338,9 @@ def cmd_report(args) -> int:
     if args.plot:
         if len(names) != 1:
             raise UsageError(f"--plot needs one table; choose with --table (have: {', '.join(names)})")
-        df = report.load(names[0], args.results)
-        out = report.plot(df, args.plot, x=args.x, y=args.y, title=names[0])
+        df = _load(names[0])
+        out = report.plot(df, args.plot, x=args.x, y=args.y,
+                          title=names[0] + (f": {args.family}" if args.family else ""))
         print(f"\nplot: {out}")
     return EXIT_OK
 
@@ -520,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="summarise result tables (and plot one)")
     s.add_argument("--results", default="results", help="results folder (default: results)")
     s.add_argument("--table", default=None, help="only this table (file stem)")
+    s.add_argument("--family", default=None, help="only rows of this kernel family")
     s.add_argument("--plot", default=None, metavar="OUT.png", help="write a plot of the table")
     s.add_argument("--x", default="M", help="plot x column (default M)")
     s.add_argument("--y", default=None, help="plot y column (default: GB/s, else time)")

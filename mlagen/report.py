@@ -494,7 +494,9 @@ def _outcome_summary(df, max_rows: int) -> str:
 def _default_series_columns(df) -> list[str]:
     """impl and kernel, plus the context columns (device, arch, group) that vary in ``df``."""
     cols = [c for c in (_first(df, IMPL_COLUMNS), _first(df, KERNEL_COLUMNS)) if c]
-    for c in ("device", "arch", "group"):
+    # mlagen kernel names already spell out the shape-defining parameters: the group only matters for the
+    # torch baselines, whose "kernel" is the same name for every group
+    for c in ("device", "arch") + (() if "kernel" in df.columns and "impl" not in df.columns else ("group",)):
         if c in df.columns and df[c].astype(str).nunique(dropna=False) > 1:
             cols.append(c)
     return cols
@@ -531,7 +533,15 @@ def plot(df, out_png: str | os.PathLike, x: str = "M", y: str | None = None,
     if d.empty:
         raise ValueError(f"plot: no numeric ({x}, {y}) pairs to draw")
     higher_is_better = not (y == time_column(df) or str(y).endswith(("_us", "_ms")) or "time" in str(y))
-    label = d[by].astype(str).agg(" ".join, axis=1) if by else pd.Series(["all"] * len(d), index=d.index)
+    def _short(v) -> str:
+        v = str(v)
+        if v.startswith("{"):   # a JSON group: keep the values only, e.g. bf16/128
+            try:
+                return "/".join(str(x) for x in json.loads(v).values())
+            except ValueError:
+                return v
+        return v
+    label = (d[by].map(_short).agg(" ".join, axis=1) if by else pd.Series(["all"] * len(d), index=d.index))
     d = d.assign(_series=label)
     agg = "max" if higher_is_better else "min"
     pts = d.groupby(["_series", x], sort=True)[y].agg(agg).reset_index()
