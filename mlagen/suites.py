@@ -35,8 +35,11 @@ TEST["fp8_gemm"] = [
     {"overlap": True},
 ]
 
+TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
+
 # Performance: a small grid of tuning knobs at the default shapes.
 BENCH = {
+    "act_quant_fp8": [{"warps": w} for w in (2, 4, 8, 16)],
     "fp8_gemm": [
         {"tile_m": tm, "tile_n": tn, "stages": st} for tm in (64, 128) for tn in (64, 128) for st in (4, 6)
     ] + [{"tile_m": 64, "tile_n": 32, "stages": 12}, {"tile_m": 64, "tile_n": 64, "stages": 10},
