@@ -232,6 +232,9 @@ class Kernel:
         if missing_out:
             sub = ArgLayout(self.layout.symbols, [a for a in self.layout.args if a.name in views])
             dims = sub.resolve(views, self.name)
+            derive = getattr(self.family, "derive_dims", None)     # sizes only the family knows (e.g. K / group)
+            if derive is not None:
+                dims = {**derive(self.params, dims), **dims}
             first = next(v for v in views.values() if isinstance(v, DeviceArray))
             for a in missing_out:
                 shape = []

@@ -57,6 +57,10 @@ class ActQuantFP8(Family):
         ]
         return ArgLayout(syms, args)
 
+    def derive_dims(self, p, dims):
+        """Output sizes the inputs do not show: blocks per row."""
+        return {"KB": dims["K"] // p["group"]} if "K" in dims else {}
+
     def check_call(self, p, views, dims, contents: bool = True):
         from ...abi import ArgumentError
         if dims["KB"] != dims["K"] // p["group"]:
