@@ -154,6 +154,7 @@ def build(family: str, params: Mapping[str, Any] | None = None, arch: str = "sm_
         "param_sizes": sizes,
         "block": list(fam.block(p)),
         "smem_bytes": fam.smem_bytes(p),
+        "smem_carveout": fam.smem_carveout(p),
         "resources": resource_usage(bdir / "kernel.cubin", symbol),
         "dsl_version": DSL_VERSION,
         "mlagen_version": __version__,

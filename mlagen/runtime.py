@@ -201,6 +201,10 @@ class Kernel:
             if self.smem > 48 * 1024:
                 attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
                 _check(drv.cuFuncSetAttribute(fn, attr, self.smem)[0], "cuFuncSetAttribute")
+            carveout = self.manifest.get("smem_carveout")
+            if carveout is not None:   # percent of the unified L1/shared memory to give shared memory
+                attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+                _check(drv.cuFuncSetAttribute(fn, attr, int(carveout))[0], "cuFuncSetAttribute(carveout)")
             self._mod[device], self._fn[device] = mod, fn
         return self._fn[device]
 

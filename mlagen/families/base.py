@@ -121,6 +121,10 @@ class Family:
     def smem_bytes(self, p: dict) -> int:
         return 0
 
+    def smem_carveout(self, p: dict) -> int | None:
+        """Preferred shared-memory carveout (percent) the runtime sets, or None for the driver's choice."""
+        return None
+
     def grid(self, p: dict, dims: Mapping[str, int]) -> tuple[int, int, int]:
         raise NotImplementedError
 

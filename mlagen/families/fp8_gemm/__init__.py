@@ -36,6 +36,7 @@ class FP8Gemm(Family):
         Param("stages", 4, choices=(2, 3, 4, 5, 6, 8, 10, 12), doc="shared-memory pipeline stages"),
         Param("m_scale_granularity", 1, choices=(1, 64, 128, 256), doc="rows of A per scale (1 = 1x128 activations)"),
         Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
+        Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
         Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled (measured slower on H100 at 90b2f64)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
@@ -49,10 +50,31 @@ class FP8Gemm(Family):
         if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
                         "(accumulator + k-tile partial); at most 128 fit")
+        if p["ctas_per_sm"] > 1:
+            per_sm = 228 * 1024
+            if p["ctas_per_sm"] * (self.smem_bytes(p) + 1024) > per_sm:
+                errs.append(f"{p['ctas_per_sm']} CTAs per SM need {p['ctas_per_sm']} x {self.smem_bytes(p)} bytes of "
+                            f"shared memory; an SM has {per_sm}: lower stages")
+            _, consumer = self.regs(p)
+            need = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64)) + 40
+            if consumer < need:
+                errs.append(f"{p['ctas_per_sm']} CTAs per SM leave {consumer} registers per MMA thread; the "
+                            f"{p['tile_m']}x{p['tile_n']} accumulators need about {need}")
         for g, t in (("m_scale_granularity", "tile_m"), ("n_scale_granularity", "tile_n")):
             if p[g] > 1 and p[g] % p[t] and p[t] % p[g]:
                 errs.append(f"{g}={p[g]} must divide or be a multiple of {t}={p[t]}")
         return errs
+
+    def regs(self, p) -> tuple[int, int]:
+        """setmaxnreg targets (producer, consumer) within the register file share of one CTA."""
+        threads_mma = 128 * (p["tile_m"] // 64)
+        budget = 65536 // p["ctas_per_sm"]
+        producer = 40 if p["ctas_per_sm"] == 1 else 24
+        consumer = min(232, (budget - 128 * producer) // threads_mma // 8 * 8)
+        return producer, consumer
+
+    def smem_carveout(self, p):
+        return 100        # the template's launch declares the maximum carveout
 
     def smem_bytes(self, p):
         epi = p["tile_m"] * p["tile_n"] * 2 + 128 if p["epilogue"] == "tma" else 0
@@ -98,12 +120,13 @@ class FP8Gemm(Family):
         return (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
 
     def template_context(self, p, arch):
-        return dict(**p)
+        producer, consumer = self.regs(p)
+        return dict(producer_regs=producer, consumer_regs=consumer, **p)
 
     def kernel_name(self, p):
         return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
-                + ("_overlap" if p["overlap"] else ""))
+                + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
