@@ -265,7 +265,8 @@ def test_run_with_a_worker_that_cannot_run_fails_every_trial(tmp_path, monkeypat
     if not HAS_CUDA:
         for r in rows:   # the reason says how the worker ended and why (its last stderr line)
             assert re.match(r"worker (exited with status \d+|died before the trial)", r["reason"]), r["reason"]
-            assert "CUDA" in r["reason"] or "cuda" in r["reason"], r["reason"]
+            # no GPU here: torch is missing (CI installs none) or is a CPU build without CUDA
+            assert any(w in r["reason"] for w in ("CUDA", "cuda", "torch")), r["reason"]
     else:
         assert "FileNotFoundError" in rows[0]["reason"]
         assert rows[1]["reason"].startswith("worker exited with status 3")
