@@ -34,6 +34,7 @@ TEST["fp8_gemm"] = [
     {"epilogue": "direct"},
     {"overlap": True},
     {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
+    {"scale_prefetch": False},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
@@ -46,7 +47,9 @@ BENCH = {
     ] + [{"tile_m": 64, "tile_n": 32, "stages": 12}, {"tile_m": 64, "tile_n": 64, "stages": 10},
          {"tile_m": 64, "tile_n": 128, "stages": 8}, {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True},
          {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
-         {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2}],
+         {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2},
+         {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_prefetch": False},
+         {"tile_m": 128, "tile_n": 128, "stages": 5}],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],

@@ -36,6 +36,7 @@ class FP8Gemm(Family):
         Param("stages", 4, choices=(2, 3, 4, 5, 6, 8, 10, 12), doc="shared-memory pipeline stages"),
         Param("m_scale_granularity", 1, choices=(1, 64, 128, 256), doc="rows of A per scale (1 = 1x128 activations)"),
         Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
+        Param("scale_prefetch", True, doc="load a k tile's scales before issuing its wgmma (serial mainloop)"),
         Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
         Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled (measured slower on H100 at 90b2f64)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
@@ -126,7 +127,8 @@ class FP8Gemm(Family):
     def kernel_name(self, p):
         return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
-                + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else ""))
+                + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
+                + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf"))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
