@@ -38,7 +38,8 @@ class FP8Gemm(Family):
         Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
         Param("scale_prefetch", True, doc="load a k tile's scales before issuing its wgmma (serial mainloop)"),
         Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
-        Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled (measured slower on H100 at 90b2f64)"),
+        Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled. Slower: "
+                                    "ptxas serialises every wgmma (C7514: accumulators read inside a pipeline stage)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
