@@ -35,6 +35,7 @@ TEST["fp8_gemm"] = [
     {"overlap": True},
     {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
     {"scale_prefetch": False},
+    {"tile_m": 128, "tile_n": 64, "stages": 3, "ctas_per_sm": 2},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]

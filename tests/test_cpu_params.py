@@ -110,3 +110,17 @@ def test_cli_generate_malformed_param_exits_2(tmp_path, capsys):
     assert rc == 2
     assert "KEY=VALUE" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_gemm_register_targets_fit_the_launch_pool():
+    """setmaxnreg targets must fit the registers ptxas gives the CTA at launch, else setmaxnreg.inc hangs
+    (a hang the tuner found on the H100 for tile_m=128 with 2 CTAs per SM)."""
+    fam = families.get("fp8_gemm")
+    for tm in (64, 128):
+        for ctas in (1, 2):
+            p = fam.validate({"tile_m": tm, "tile_n": 32, "stages": 3, "ctas_per_sm": ctas})
+            producer, consumer = fam.regs(p)
+            threads = 128 * (1 + tm // 64)
+            launch = min(255, 65536 // (ctas * threads)) // 8 * 8
+            assert producer % 8 == 0 and consumer % 8 == 0 and 24 <= producer <= consumer <= 256
+            assert 128 * producer + (threads - 128) * consumer <= launch * threads

@@ -68,11 +68,18 @@ class FP8Gemm(Family):
         return errs
 
     def regs(self, p) -> tuple[int, int]:
-        """setmaxnreg targets (producer, consumer) within the register file share of one CTA."""
-        threads_mma = 128 * (p["tile_m"] // 64)
-        budget = 65536 // p["ctas_per_sm"]
+        """setmaxnreg targets (producer, consumer) that fit the registers the CTA is launched with.
+
+        With ``min_blocks_per_mp = ctas_per_sm`` ptxas caps each thread at the largest multiple of 8 with
+        ``ctas * threads * regs <= 65536``; that pool is what setmaxnreg redistributes.  Asking for more
+        makes ``setmaxnreg.inc`` wait forever (seen on the H100: tile_m=128 with 2 CTAs per SM hung when
+        the consumer target assumed 65536 / ctas registers).
+        """
+        threads = 128 * (1 + p["tile_m"] // 64)
+        launch = min(255, 65536 // (p["ctas_per_sm"] * threads)) // 8 * 8
+        pool = launch * threads
         producer = 40 if p["ctas_per_sm"] == 1 else 24
-        consumer = min(232, (budget - 128 * producer) // threads_mma // 8 * 8)
+        consumer = min(232, (pool - 128 * producer) // (threads - 128) // 8 * 8)
         return producer, consumer
 
     def smem_carveout(self, p):
