@@ -101,7 +101,7 @@ def _clone(t: dict) -> dict:
     return {k: (v.clone() if hasattr(v, "clone") else v) for k, v in t.items() if not k.startswith("_")}
 
 
-def _err(a: Mapping, b: Mapping) -> float:
+def _max_rel_err(a: Mapping, b: Mapping) -> float:
     worst = 0.0
     for k in a:
         x, y = a[k].double(), b[k].double()
@@ -162,7 +162,7 @@ def bench_family(family: str, bundle_dirs, shapes=None, warmup: int = 10, reps: 
                         tc = _clone(base)
                         fn(tc)
                         torch.cuda.synchronize()
-                        e = _err(fam.bench_outputs(p0, tc), ref_out)
+                        e = _max_rel_err(fam.bench_outputs(p0, tc), ref_out)
                         r = timer(lambda: fn(tc))
                         rows.append(row(fam, None, "torch_compile", p0, prob.dims, shape, r, ceilings, dev, commit,
                                         date, e, eager_us))
@@ -173,7 +173,7 @@ def bench_family(family: str, bundle_dirs, shapes=None, warmup: int = 10, reps: 
                 bound = k.bind(check_contents=True, **tk)
                 bound.launch()
                 torch.cuda.synchronize()
-                e = _err(fam.bench_outputs(k.params, tk), ref_out) if ref_t is not None else float("nan")
+                e = _max_rel_err(fam.bench_outputs(k.params, tk), ref_out) if ref_t is not None else float("nan")
                 r = timer(bound.launch)
                 rows.append(row(fam, k, "mlagen", k.params, bound.dims, shape, r, ceilings, dev, commit, date, e,
                                 eager_us))

@@ -274,9 +274,6 @@ class Kernel:
         views, dims, grid, device = self.prepare(kwargs, check_contents)
         return BoundLaunch(self, views, dims, grid, device, stream)
 
-    def launch_prepared(self, views, grid, device, stream=None) -> None:
-        BoundLaunch(self, views, None, grid, device, stream).launch()
-
 
 class BoundLaunch:
     """A kernel with its arguments checked and packed: ``launch()`` is one cuLaunchKernel.

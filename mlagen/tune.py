@@ -315,7 +315,7 @@ def _worker(family: str, warmup: int, reps: int) -> int:
     import numpy as np
     import torch
     from . import runtime
-    from .bench import Timer, _clone, _err, _to_torch_inputs
+    from .bench import Timer, _clone, _max_rel_err, _to_torch_inputs
     fam = families.get(family)
     timer = Timer(warmup, reps)
     dev = torch.cuda.get_device_name(0)
@@ -348,7 +348,7 @@ def _worker(family: str, warmup: int, reps: int) -> int:
             b = k.bind(check_contents=False, **tk)
             b.launch()
             torch.cuda.synchronize()
-            err = _err(fam.bench_outputs(k.params, tk), ref_out)
+            err = _max_rel_err(fam.bench_outputs(k.params, tk), ref_out)
             if not err <= tol:
                 msg = {"trial": t["trial"], "status": "failed", "reason": f"wrong result: rel err {err:.3g} > {tol}",
                        "err": err}
