@@ -1,0 +1,72 @@
+"""AOT compile checks for rope_rmsnorm_quant, fp8_gemm and act_quant_fp8 (no GPU): the instructions the
+templates promise are in the PTX/SASS, and nothing spills."""
+import json
+
+import pytest
+
+from mlagen import compile as mcompile
+from mlagen import families, suites
+
+pytestmark = pytest.mark.compile
+
+
+def _build(tmp_path_factory, family, params, arch):
+    out = tmp_path_factory.mktemp(family)
+    b = mcompile.build(family, params, arch, out)
+    m = json.loads((b / "manifest.json").read_text())
+    return b, m, (b / "kernel.ptx").read_text()
+
+
+def _no_spills(m):
+    res = m["resources"]
+    if res:   # cuobjdump present
+        assert res["local_bytes"] == 0 and res["stack_bytes"] == 0, res
+
+
+ROPE = [
+    pytest.param(p, a, marks=pytest.mark.xfail(
+        reason="known: ptxas for sm_100a gives the fp8 g64 interleaved kernel an 8-byte stack frame "
+               "(64 registers); sm_90a has none", strict=False))
+    if (a == "sm_100a" and p.get("cache_dtype") == "f8e4m3" and p.get("quant_granularity") == 64) else (p, a)
+    for p in suites.TEST["rope_rmsnorm_quant"] for a in ("sm_90a", "sm_100a")
+]
+
+
+@pytest.mark.parametrize("params,arch", ROPE, ids=lambda v: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v)
+def test_rope_rmsnorm_quant_compiles_vectorised_without_spills(params, arch, tmp_path_factory):
+    b, m, ptx = _build(tmp_path_factory, "rope_rmsnorm_quant", params, arch)
+    _no_spills(m)
+    assert "ld.global.v4" in ptx or "ld.global.v2.b64" in ptx, "16-byte loads of q_rope / kv rows"
+    assert "st.global.v4" in ptx or "st.global.v2.b64" in ptx, "16-byte stores of q_rope_out"
+    p = m["params"]
+    if p["cache_dtype"] == "f8e4m3":
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "shfl.sync.bfly" in ptx      # the RMS sum (and fp8 block amax) are warp shuffles
+
+
+@pytest.mark.parametrize("params", suites.TEST["fp8_gemm"], ids=lambda v: json.dumps(v, sort_keys=True))
+def test_fp8_gemm_uses_tma_and_fp8_wgmma(params, tmp_path_factory):
+    b, m, ptx = _build(tmp_path_factory, "fp8_gemm", params, "sm_90a")
+    _no_spills(m)
+    p = m["params"]
+    assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, "fp8 warpgroup MMA"
+    assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of A and B"
+    if p["epilogue"] == "tma":
+        assert "cp.async.bulk.tensor.3d.global.shared::cta" in ptx, "TMA store of C"
+    fam = families.get("fp8_gemm")
+    producer, consumer = fam.regs(p)
+    assert f"setmaxnreg.dec.sync.aligned.u32 \t{producer};" in ptx
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{consumer};" in ptx
+    sass = mcompile.sass(b / "kernel.cubin")
+    if sass:
+        assert "QGMMA" in sass and "E4M3" in sass
+        assert "UTMALDG" in sass
+
+
+@pytest.mark.parametrize("params", suites.TEST["act_quant_fp8"], ids=lambda v: json.dumps(v, sort_keys=True))
+def test_act_quant_fp8_compiles_vectorised_without_spills(params, tmp_path_factory):
+    b, m, ptx = _build(tmp_path_factory, "act_quant_fp8", params, "sm_90a")
+    _no_spills(m)
+    assert "ld.global.v4" in ptx
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert "div.rn.f32" in ptx or "rcp.rn.f32" in ptx     # 1/scale correctly rounded, as the reference
