@@ -20,7 +20,7 @@ for m in ("torch", "numpy", "pandas", "pyarrow", "ml_dtypes", "cuda.bindings", "
 PY
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  files=""; for f in $fams; do files="$files tests/test_gpu_$f.py"; done
+  files="tests/test_gpu_dispatch.py"; for f in $fams; do files="$files tests/test_gpu_$f.py"; done
   python3 -m pytest -q -m gpu -p no:cacheprovider $files 2>&1 | tee "$out/pytest_gpu.log" | tail -25 || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
