@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -81,20 +80,16 @@ def measure_ceilings(reps: int = 20) -> dict:
     return out
 
 
-def _to_torch_inputs(fam, p, prob, layout) -> dict:
-    """The problem's numpy inputs as CUDA tensors of the kernel's dtypes, outputs allocated."""
+def problem_inputs(fam, kernel, shape, rng):
+    """A fresh problem as CUDA tensors, with outputs shaped by one checked launch of ``kernel``."""
     import torch
-    from .interop import to_torch
-    t = {}
-    for a in layout.args:
-        if a.kind == "scalar":
-            t[a.name] = prob.inputs[a.name]
-        elif a.kind == "tensor" and a.name in prob.inputs:
-            t[a.name] = to_torch(prob.inputs[a.name], a.dtype)
-    for a in layout.tensors():
-        if a.name not in t:   # an output: same shape as its input twin (or allocated by the runtime)
-            t[a.name] = None
-    return t
+    prob = fam.make_problem(kernel.params, shape, rng)
+    base = fam.torch_inputs(kernel.params, prob)
+    outs = kernel(**{n: v for n, v in _clone(base).items() if v is not None})
+    for n, v in outs.items():
+        if base.get(n) is None:
+            base[n] = torch.empty_like(v)
+    return prob, base
 
 
 def _clone(t: dict) -> dict:
@@ -135,15 +130,7 @@ def bench_family(family: str, bundle_dirs, shapes=None, warmup: int = 10, reps: 
     for key, ks in groups.items():
         p0 = ks[0].params
         for shape in shapes:
-            prob = fam.make_problem(p0, shape, rng)
-            base = (fam.torch_inputs(p0, prob) if hasattr(fam, "torch_inputs")
-                    else _to_torch_inputs(fam, p0, prob, ks[0].layout))
-            # outputs shaped by a first (checked) run of the first kernel
-            t0 = _clone(base)
-            outs = ks[0](**{n: v for n, v in t0.items() if v is not None})
-            for n, v in outs.items():
-                if base.get(n) is None:
-                    base[n] = torch.empty_like(v)
+            prob, base = problem_inputs(fam, ks[0], shape, rng)
             ref_t = None
             eager_us = None
             if with_torch:

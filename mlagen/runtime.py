@@ -12,7 +12,6 @@ anything is launched; a failure raises :class:`mlagen.abi.ArgumentError` naming 
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import threading
@@ -209,8 +208,11 @@ class Kernel:
         return self._fn[device]
 
     # ---- argument handling ----
-    def prepare(self, kwargs: Mapping[str, Any], check_contents: bool = True):
-        """Views of all arrays (allocating missing outputs), symbol values and grid.  No launch."""
+    def prepare(self, kwargs: Mapping[str, Any], check_contents: bool = True, allocate: bool = True):
+        """Views of all arrays (allocating missing outputs), symbol values and grid.  No launch.
+
+        ``allocate=False`` only decides whether the call fits (what Dispatcher.select needs): missing
+        outputs are sized but not allocated, and are absent from the returned views."""
         unknown = set(kwargs) - {a.name for a in self.layout.args}
         if unknown:
             raise ArgumentError(f"{self.name}: unknown argument(s) {sorted(unknown)}; "
@@ -227,7 +229,7 @@ class Kernel:
                 views[a.name] = as_device_array(kwargs[a.name], a.name)
             elif isinstance(a, ScalarArg):
                 if a.name not in kwargs:
-                    default = self.family.scalar_default(self.params, a.name) if hasattr(self.family, "scalar_default") else None
+                    default = self.family.scalar_default(self.params, a.name)
                     if default is None:
                         raise ArgumentError(f"{self.name}: missing scalar '{a.name}'")
                     views[a.name] = default
@@ -236,9 +238,7 @@ class Kernel:
         if missing_out:
             sub = ArgLayout(self.layout.symbols, [a for a in self.layout.args if a.name in views])
             dims = sub.resolve(views, self.name)
-            derive = getattr(self.family, "derive_dims", None)     # sizes only the family knows (e.g. K / group)
-            if derive is not None:
-                dims = {**derive(self.params, dims), **dims}
+            dims = {**self.family.derive_dims(self.params, dims), **dims}   # e.g. K / group
             first = next(v for v in views.values() if isinstance(v, DeviceArray))
             for a in missing_out:
                 shape = []
@@ -247,14 +247,14 @@ class Kernel:
                         raise ArgumentError(f"{self.name}: pass output '{a.name}' (its extent {d} is not "
                                             "fixed by the inputs)")
                     shape.append(dims[d] if isinstance(d, str) else d)
-                views[a.name] = as_device_array(_alloc_like(first, tuple(shape), a.dtype), a.name)
-        dims = self.layout.resolve(views, self.name)
+                if allocate:
+                    views[a.name] = as_device_array(_alloc_like(first, tuple(shape), a.dtype), a.name)
+        if allocate or not missing_out:
+            dims = self.layout.resolve(views, self.name)
         devs = {v.device for v in views.values() if isinstance(v, DeviceArray)}
         if len(devs) != 1:
             raise ArgumentError(f"{self.name}: arrays are on several devices {sorted(devs)}")
-        check = getattr(self.family, "check_call", None)
-        if check is not None:
-            check(self.params, views, dims, contents=check_contents)
+        self.family.check_call(self.params, views, dims, contents=check_contents)
         grid = tuple(int(g) for g in self.family.grid(self.params, dims))
         return views, dims, grid, devs.pop()
 
@@ -425,7 +425,7 @@ class Dispatcher:
         errors, ok, dims, device = [], [], None, 0
         for k in self.kernels:
             try:
-                _, d, _, device = k.prepare(kwargs, check_contents=False)
+                _, d, _, device = k.prepare(kwargs, check_contents=False, allocate=False)
                 ok.append(k)
                 dims = d
             except ArgumentError as e:

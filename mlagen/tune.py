@@ -315,7 +315,7 @@ def _worker(family: str, warmup: int, reps: int) -> int:
     import numpy as np
     import torch
     from . import runtime
-    from .bench import Timer, _clone, _max_rel_err, _to_torch_inputs
+    from .bench import Timer, _clone, _max_rel_err, problem_inputs
     fam = families.get(family)
     timer = Timer(warmup, reps)
     dev = torch.cuda.get_device_name(0)
@@ -332,13 +332,7 @@ def _worker(family: str, warmup: int, reps: int) -> int:
             k = runtime.load(t["bundle"])
             key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
             if key not in cache:
-                prob = fam.make_problem(k.params, t["shape"], rng)
-                base = (fam.torch_inputs(k.params, prob) if hasattr(fam, "torch_inputs")
-                        else _to_torch_inputs(fam, k.params, prob, k.layout))
-                outs = k(**{n: v for n, v in _clone(base).items() if v is not None})
-                for n, v in outs.items():
-                    if base.get(n) is None:
-                        base[n] = torch.empty_like(v)
+                _, base = problem_inputs(fam, k, t["shape"], rng)
                 ref = _clone(base)
                 fam.torch_impl(k.params, ref)
                 torch.cuda.synchronize()

@@ -6,12 +6,11 @@ import numpy as np
 import torch
 
 from mlagen import families
-from mlagen.bench import _to_torch_inputs
 
 fam = families.get("rope_rmsnorm_quant")
 p = fam.validate({})
 prob = fam.make_problem(p, dict(B=4, S=3, C=50), np.random.default_rng(0))
-t = _to_torch_inputs(fam, p, prob, fam.layout(p))
+t = fam.torch_inputs(p, prob)
 t["q_rope_out"] = torch.empty_like(t["q_rope"])
 T = t["q_rope"].shape[0]
 

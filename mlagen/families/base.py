@@ -131,6 +131,18 @@ class Family:
     def template_context(self, p: dict, arch: str) -> dict:
         return {}
 
+    # ---------------- runtime hooks (defaults: nothing family-specific) ----------------
+    def scalar_default(self, p: dict, name: str):
+        """Value for a scalar argument the caller left out, or None when it is required."""
+        return None
+
+    def derive_dims(self, p: dict, dims: Mapping[str, int]) -> dict:
+        """Symbol values the inputs do not show but outputs need (e.g. blocks per row)."""
+        return {}
+
+    def check_call(self, p: dict, views: Mapping, dims: Mapping[str, int], contents: bool = True) -> None:
+        """Family-specific host checks before a launch; raise ArgumentError naming the argument."""
+
     def kernel_name(self, p: dict) -> str:
         """A readable, unique, file-name-safe name for this configuration."""
         h = hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
@@ -142,6 +154,18 @@ class Family:
 
     def flops(self, p: dict, dims: Mapping[str, int]) -> int:
         return 0
+
+    def torch_inputs(self, p: dict, prob: "Problem") -> dict:
+        """The problem's numpy inputs as CUDA tensors in the kernel's argument order and dtypes; outputs the
+        problem does not provide are None (the runtime allocates them)."""
+        from ..interop import to_torch
+        t = {}
+        for a in self.layout(p).args:
+            if a.kind == "scalar":
+                t[a.name] = prob.inputs[a.name]
+            elif a.kind == "tensor":
+                t[a.name] = to_torch(prob.inputs[a.name], a.dtype) if a.name in prob.inputs else None
+        return t
 
     def baseline_desc(self, p: dict) -> str:
         """What the torch_eager rows of the benchmark ran."""
