@@ -40,6 +40,21 @@ TEST["fp8_gemm"] = [
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
 
+TEST["mla_decode"] = [
+    {},
+    {"num_heads": 16, "page_size": 16},
+    {"num_heads": 16, "q_len": 2, "attn_sink": True},
+    {"num_heads": 128, "q_len": 2, "page_size": 128, "tile_n": 32, "stages": 4},
+    {"num_heads": 64, "sparse": True, "topk": 256},
+    {"num_heads": 16, "q_len": 2, "sparse": True, "topk": 128, "page_size": 1, "attn_sink": True},
+    {"num_heads": 128, "page_size": 1},
+    {"num_heads": 32, "page_loads": False, "tile_n": 32, "stages": 3},
+]
+# one combine kernel per (heads, q_len, sink) the decode bundles use
+TEST["mla_combine"] = [
+    {"num_heads": h, "q_len": q, "attn_sink": s} for h, q, s in sorted(
+        {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})]
+
 # Performance: a small grid of tuning knobs at the default shapes.
 BENCH = {
     "act_quant_fp8": [{"warps": w} for w in (2, 4, 8, 16)],
@@ -51,6 +66,11 @@ BENCH = {
          {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2},
          {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_prefetch": False},
          {"tile_m": 128, "tile_n": 128, "stages": 5}],
+    "mla_decode": [
+        {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
+        for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
+    ],
+    "mla_combine": [{"num_heads": h, "q_len": q} for h in (16, 128) for q in (1, 2)],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],

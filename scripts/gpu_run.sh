@@ -4,7 +4,7 @@
 # Writes result tables and logs under $OUT (the device tool's output folder) or results/.
 set -u -o pipefail
 what=${1:-all}; shift || true
-fams=${*:-"qk_rmsnorm rope_rmsnorm_quant fp8_gemm act_quant_fp8"}
+fams=${*:-"qk_rmsnorm rope_rmsnorm_quant fp8_gemm act_quant_fp8 mla_decode"}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export MLAGEN_RESULTS_DIR=${OUT:-results} MLAGEN_REQUIRE_BUNDLES=1
 [ -f build/gpu/COMMIT ] && export MLAGEN_COMMIT=$(cat build/gpu/COMMIT)

@@ -9,7 +9,7 @@ _REGISTRY: dict[str, Family] = {}
 def _load() -> dict[str, Family]:
     if not _REGISTRY:
         import importlib
-        for mod in ("qk_rmsnorm", "rope_rmsnorm_quant", "fp8_gemm", "act_quant_fp8"):
+        for mod in ("qk_rmsnorm", "rope_rmsnorm_quant", "fp8_gemm", "act_quant_fp8", "mla_decode", "mla_decode.combine"):
             m = importlib.import_module(f"{__name__}.{mod}")
             if hasattr(m, "family"):
                 _REGISTRY[m.family.name] = m.family

@@ -1,0 +1,336 @@
+"""mla_decode: split-KV MLA decode over a paged latent cache (Hopper, TMA + wgmma), and its combine step.
+
+For sequence b with ``kv_len = kv_lengths[b]`` cached tokens (the q_len new ones included), query s and
+head h::
+
+    S[t]  = softmax_scale * q[b, s, h, :] . K[t]          (K[t] = the cache row, all D = 576 dims)
+    out[b, s, h, :] = sum_t softmax(S)[t] * K[t, :512]    (V = the first kv_lora_rank dims)
+    lse[b, s, h]    = log(sum_t exp(S[t]))                (natural log; with a sink: + exp(sink[h]))
+
+over t in ``[0, kv_len - q_len + s]`` (causal, q_len > 1) or ``[0, kv_len)``; sparse MLA instead takes
+the tokens ``indices[b, s, :topk_lengths[b, s]]`` (logical positions; -1 or any index outside
+``[0, kv_len)`` is padding).  The cache is the one ``rope_rmsnorm_quant`` writes:
+``kv_cache[layer, page_table[b, t // page_size], t % page_size, 0, :]``.
+
+Work decomposition (see templates/mla_decode.py.j2): one CTA per (64 query rows, KV partition, sequence).
+Warpgroup 0 loads Q once and then KV tiles of ``tile_n`` tokens by TMA: whole page boxes for full tiles,
+one box per token row for the last, partial tile and for sparse lists (rows past the range load a valid
+token and are masked, so unwritten cache slots are never read).  Warpgroups 1 and 2 each compute S for
+half the tile's tokens (wgmma, K-major Q and K), exchange row maxima through shared memory, write P (bf16)
+and each accumulate O for half of the 512 value dims (wgmma with V as an MN-major view of the same
+K tile).  With ``num_partitions > 1`` every CTA writes its normalised partial O and LSE (log2 units) to
+a workspace and the ``mla_combine`` kernel merges them; with one partition the decode kernel writes
+the bf16 output and LSE itself.  :class:`MLADecode` is the call that does both.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from ...abi import ArgLayout, ArgumentError, CoordArg, ScalarArg, Sym, TensorArg, TensorMapArg
+from ...numerics import round_to
+from ..base import Family, Param, Problem
+
+D, DV, BM = 576, 512, 64
+
+
+class MLADecodeFamily(Family):
+    name = "mla_decode"
+    template = "mla_decode.py.j2"
+    doc = "split-KV MLA decode over a paged bf16 latent cache: TMA page loads + wgmma, online softmax (sm_90a)"
+    params = (
+        Param("num_heads", 128, choices=(16, 32, 64, 128), doc="query heads (16 per GPU at TP8, 128 at TP1)"),
+        Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence per step (>1: speculative decoding)"),
+        Param("page_size", 64, lo=1, hi=4096, doc="tokens per cache page"),
+        Param("cache_dtype", "bf16", choices=("bf16",), doc="cache element type"),
+        Param("sparse", False, doc="top-k token indices per query instead of the whole range"),
+        Param("topk", 2048, choices=(64, 128, 256, 512, 1024, 2048, 4096), doc="index list length (sparse)"),
+        Param("causal", True, doc="q_len > 1: query s sees positions <= kv_len - q_len + s"),
+        Param("attn_sink", False, doc="per-head sink logit added to the softmax denominator"),
+        Param("tile_n", 64, choices=(32, 64), doc="KV tokens per pipeline stage"),
+        Param("stages", 2, choices=(2, 3, 4), doc="shared-memory pipeline stages"),
+        Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
+                                      "tokens); False: one TMA per token row everywhere"),
+    )
+    shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "sparse", "topk", "causal", "attn_sink")
+    arches = ("sm_90a",)
+    bucket_dims = ("B", "C")
+
+    def validate(self, given=None, arch="sm_90a"):
+        p = super().validate(given, arch)
+        if not p["sparse"]:
+            p["topk"] = self.param("topk").default
+        if p["q_len"] == 1:
+            p["causal"] = True          # no effect: one bundle per distinct kernel
+        if p["sparse"] or not self._pages_fit(p):
+            p["page_loads"] = False
+        return p
+
+    @staticmethod
+    def _pages_fit(p) -> bool:
+        ps, tn = p["page_size"], p["tile_n"]
+        return ps >= 8 and (ps % tn == 0 or tn % ps == 0)
+
+    def constraints(self, p, arch):
+        errs = []
+        if p["tile_n"] * D * 2 * p["stages"] + BM * D * 2 + BM * p["tile_n"] * 2 + 1024 > 232448:
+            errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
+                        "(Q 72 KiB + stages x tile_n x 1152 B)")
+        return errs
+
+    def rows_per_box(self, p) -> int:
+        return min(p["page_size"], p["tile_n"]) if p["page_loads"] else 8
+
+    def smem_bytes(self, p):
+        return 1024 + BM * D * 2 + p["stages"] * p["tile_n"] * D * 2 + BM * p["tile_n"] * 2
+
+    def smem_carveout(self, p):
+        return 100
+
+    # ---------------- layout and geometry ----------------
+    def layout(self, p) -> ArgLayout:
+        h, ql = p["num_heads"], p["q_len"]
+        R = h * ql
+        qr = h if p["sparse"] else R
+        syms = {s.name: s for s in [
+            Sym("QB", 32, doc="query blocks: B (dense) or B * q_len (sparse)"),
+            Sym("sqr", 64, 8, "q row stride"), Sym("sqb", 64, 8, "q block stride"),
+            Sym("NS", 32, doc="cache slots per layer (pages x page_size)"), Sym("L", 32, doc="cache layers"),
+            Sym("s_layer", 64, 8, "cache layer stride"),
+            Sym("B", 32, doc="sequences"), Sym("MP", 32, doc="pages per sequence in the page table"),
+            Sym("spt", 64, 1, "page table row stride"),
+            Sym("sib", 64, 1, "indices batch stride"), Sym("sis", 64, 1, "indices query stride"),
+            Sym("stb", 64, 1, "topk_lengths batch stride"),
+            Sym("sor", 64, 1, "out row stride"), Sym("sob", 64, 1, "out batch stride"),
+            Sym("slr", 64, 1, "lse row stride"), Sym("slb", 64, 1, "lse batch stride"),
+            Sym("NPART", 32, doc="KV partitions"),
+            Sym("spr", 64, 1, "o_part row stride"), Sym("spp", 64, 1, "o_part partition stride"),
+            Sym("spb", 64, 1, "o_part batch stride"),
+            Sym("sxr", 64, 1, "lse_part row stride"), Sym("sxp", 64, 1, "lse_part partition stride"),
+            Sym("sxb", 64, 1, "lse_part batch stride"),
+        ]}
+        rbx = self.rows_per_box(p)
+        args = [
+            TensorArg("q", "bf16", (qr, D, "QB"), ("sqr", 1, "sqb"), 16, "in",
+                      "queries as (rows, 576, blocks); see MLADecode for the views", host_only=True),
+            TensorMapArg("tma_q", "q", (64, BM, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            CoordArg("coord_q", "q"),
+            TensorArg("kv", p["cache_dtype"], ("NS", D, "L"), (D, 1, "s_layer"), 16, "in",
+                      "the paged cache as (slots, 576, layers)", host_only=True),
+            TensorMapArg("tma_kv", "kv", (64, rbx, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            CoordArg("coord_kv", "kv"),
+            TensorMapArg("tma_kv1", "kv", (64, 1, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            CoordArg("coord_kv1", "kv"),
+            TensorArg("page_table", "i32", ("B", "MP"), ("spt", 1), 4, "in"),
+            TensorArg("kv_lengths", "i32", ("B",), (1,), 4, "in", "valid cache tokens per sequence (new ones included)"),
+        ]
+        if p["sparse"]:
+            args += [TensorArg("indices", "i32", ("B", ql, p["topk"]), ("sib", "sis", 1), 4, "in",
+                               "top-k token positions per query; -1 = padding"),
+                     TensorArg("topk_lengths", "i32", ("B", ql), ("stb", 1), 4, "in")]
+        if p["attn_sink"]:
+            args.append(TensorArg("attn_sink", "f32", (h,), (1,), 4, "in", "per-head sink logits"))
+        args += [
+            TensorArg("out", "bf16", (R, DV, "B"), ("sor", 1, "sob"), 4, "out"),
+            TensorArg("lse", "f32", (R, "B"), ("slr", "slb"), 4, "out"),
+            TensorArg("o_part", "f32", (R, DV, "NPART", "B"), ("spr", 1, "spp", "spb"), 4, "inout",
+                      "workspace: normalised partial outputs"),
+            TensorArg("lse_part", "f32", (R, "NPART", "B"), ("sxr", "sxp", "sxb"), 4, "inout",
+                      "workspace: partial LSE (log2 units)"),
+            ScalarArg("layer_idx", "i32"),
+            ScalarArg("softmax_scale", "f32"),
+        ]
+        return ArgLayout(syms, args)
+
+    def block(self, p):
+        return (384, 1, 1)
+
+    def grid(self, p, dims):
+        R = p["num_heads"] * p["q_len"]
+        x = p["q_len"] * -(-p["num_heads"] // BM) if p["sparse"] else -(-R // BM)
+        return (x, dims["NPART"], dims["B"])
+
+    def template_context(self, p, arch):
+        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), **p)
+
+    def kernel_name(self, p):
+        s = f"_sparse{p['topk']}" if p["sparse"] else ""
+        return (f"mla_decode_{p['cache_dtype']}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
+                + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
+                + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows"))
+
+    def scalar_default(self, p, name):
+        return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0)}.get(name)
+
+    def check_call(self, p, views, dims, contents: bool = True):
+        k = self.name
+        ql = p["q_len"]
+        qb_want = dims["B"] * ql if p["sparse"] else dims["B"]
+        if dims["QB"] != qb_want:
+            raise ArgumentError(f"{k}: q has {dims['QB']} blocks but B={dims['B']} sequences need {qb_want}")
+        layer = int(views["layer_idx"])
+        if not 0 <= layer < dims["L"]:
+            raise ArgumentError(f"{k}: layer_idx={layer} is outside the cache's {dims['L']} layers")
+        if dims["NS"] % p["page_size"]:
+            raise ArgumentError(f"{k}: cache has {dims['NS']} slots, not a whole number of {p['page_size']}-token pages")
+        if dims["NPART"] < 1:
+            raise ArgumentError(f"{k}: o_part/lse_part must have at least one partition")
+        if not contents:
+            return
+        lens = _host(views["kv_lengths"]).astype(np.int64)
+        pt = _host(views["page_table"])
+        npages = dims["NS"] // p["page_size"]
+        if np.any(lens < 0):
+            raise ArgumentError(f"{k}: kv_lengths has negative entries")
+        if np.any(lens < ql) and not p["sparse"] and ql > 1:
+            b = int(np.argmax(lens < ql))
+            raise ArgumentError(f"{k}: kv_lengths[{b}]={int(lens[b])} is shorter than q_len={ql} (the new tokens "
+                                "are part of the cache)")
+        cap = dims["MP"] * p["page_size"]
+        if np.any(lens > cap):
+            b = int(np.argmax(lens > cap))
+            raise ArgumentError(f"{k}: cache capacity exceeded: kv_lengths[{b}]={int(lens[b])} but page_table "
+                                f"has {dims['MP']} pages of {p['page_size']}")
+        for b in range(dims["B"]):
+            n = -(-int(lens[b]) // p["page_size"])
+            pages = pt[b, :n]
+            bad = (pages < 0) | (pages >= npages)
+            if np.any(bad):
+                i = int(np.argmax(bad))
+                raise ArgumentError(f"{k}: page_table[{b}, {i}] = {int(pages[i])} is not a page of the cache "
+                                    f"(0..{npages - 1})")
+        if p["sparse"]:
+            tl = _host(views["topk_lengths"])
+            if np.any(tl < 0) or np.any(tl > p["topk"]):
+                raise ArgumentError(f"{k}: topk_lengths must lie in [0, {p['topk']}]")
+
+    # ---------------- numbers ----------------
+    def tokens(self, p, dims) -> int:
+        """KV rows read per step (summed over sequences)."""
+        if p["sparse"]:
+            return dims["B"] * p["q_len"] * min(p["topk"], dims.get("C", p["topk"]))
+        return int(dims.get("T", dims["B"] * dims.get("C", 0)))
+
+    def bytes_moved(self, p, dims):
+        R = p["num_heads"] * p["q_len"]
+        return self.tokens(p, dims) * D * 2 + dims["B"] * R * (D * 2 + DV * 2 + 4)
+
+    def flops(self, p, dims):
+        rows = p["num_heads"] * (1 if p["sparse"] else p["q_len"])
+        return 2 * rows * self.tokens(p, dims) * (D + DV)
+
+    def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
+        """dims: B sequences, C max cached tokens (lengths uniform in [q_len, C] unless uniform=1),
+        optional zero=1 to make sequence 0 empty.  Pages are a random permutation; slots no sequence
+        owns hold NaN, so reading one shows up in the output."""
+        B, C = int(dims["B"]), int(dims["C"])
+        L = int(dims.get("L", 2))
+        ps, h, ql = p["page_size"], p["num_heads"], p["q_len"]
+        lo = ql if not p["sparse"] else 1
+        lens = np.full(B, C) if dims.get("uniform", 0) else rng.integers(min(lo, C), C + 1, B)
+        if dims.get("zero", 0):
+            lens[0] = 0
+        need = -(-lens // ps)
+        MP = int(max(need.max(), 1)) + 1
+        NP = int(need.sum()) + 2
+        perm = rng.permutation(NP)
+        pt = np.full((B, MP), -1, np.int32)
+        k = 0
+        for b in range(B):
+            pt[b, :need[b]] = perm[k:k + need[b]]
+            k += need[b]
+        cache = np.full((L, NP, ps, 1, D), np.nan, np.float32)
+        layer = L - 1
+        for b in range(B):
+            n = int(lens[b])
+            if n:
+                rows = rng.standard_normal((n, D)).astype(np.float32)
+                t = np.arange(n)
+                cache[layer, pt[b, t // ps], t % ps, 0, :] = rows
+        cache = round_to(cache, "bf16")
+        q = round_to(rng.standard_normal((B, ql, h, D)), "bf16")
+        inputs = dict(q=q, kv_cache=cache, page_table=pt, kv_lengths=lens.astype(np.int32), layer_idx=layer,
+                      softmax_scale=float(dims.get("scale", 1.0 / math.sqrt(192.0))))
+        if p["sparse"]:
+            K = p["topk"]
+            idx = np.full((B, ql, K), -1, np.int32)
+            tl = np.zeros((B, ql), np.int32)
+            for b in range(B):
+                for s in range(ql):
+                    n = int(lens[b])
+                    m = int(rng.integers(1, K + 1)) if not dims.get("uniform", 0) else K
+                    take = min(m, n)
+                    if take:
+                        idx[b, s, :take] = rng.choice(n, take, replace=False)
+                        if take > 4:      # padding inside the list too
+                            idx[b, s, rng.integers(0, take, 2)] = -1
+                    tl[b, s] = m
+            inputs["indices"], inputs["topk_lengths"] = idx, tl
+        if p["attn_sink"]:
+            inputs["attn_sink"] = rng.uniform(-1.0, 3.0, h).astype(np.float32)
+        return Problem(dict(B=B, C=C, L=L, T=int(lens.sum())), inputs)
+
+    def reference(self, p, inputs, precision: str = "f64") -> dict:
+        """float64 out [B, q_len, H, 512] and lse [B, q_len, H]."""
+        q = inputs["q"].astype(np.float64)
+        B, ql, h, _ = q.shape
+        ps = p["page_size"]
+        cache = inputs["kv_cache"][inputs["layer_idx"], :, :, 0, :].astype(np.float64)
+        lens = inputs["kv_lengths"]
+        scale = float(inputs["softmax_scale"])
+        out = np.zeros((B, ql, h, DV))
+        lse = np.full((B, ql, h), -np.inf)
+        sink = inputs.get("attn_sink") if p["attn_sink"] else None
+        for b in range(B):
+            n = int(lens[b])
+            t = np.arange(n)
+            kb = cache[inputs["page_table"][b, t // ps], t % ps] if n else np.zeros((0, D))
+            for s in range(ql):
+                if p["sparse"]:
+                    ids = inputs["indices"][b, s, :min(int(inputs["topk_lengths"][b, s]), p["topk"])]
+                    ids = ids[(ids >= 0) & (ids < n)]
+                    k = kb[ids]
+                else:
+                    end = n - ql + 1 + s if (p["causal"] and ql > 1) else n
+                    k = kb[:max(end, 0)]
+                sc = scale * (q[b, s] @ k.T)                       # [h, n]
+                parts = [sc]
+                if sink is not None:
+                    parts.append(sink.astype(np.float64)[:, None])
+                allv = np.concatenate(parts, axis=1)
+                if allv.shape[1] == 0:
+                    continue
+                mx = allv.max(axis=1, keepdims=True)
+                e = np.exp(sc - mx)
+                den = np.exp(allv - mx).sum(axis=1, keepdims=True)
+                out[b, s] = (e @ k[:, :DV]) / den
+                lse[b, s] = (np.log(den) + mx)[:, 0]
+        return {"out": out, "lse": lse}
+
+    # ---------------- benchmark companions ----------------
+    bench_shapes = [dict(B=b, C=c, uniform=1) for b in (64, 128) for c in (1024, 4096, 16384)]
+
+    def bucket(self, dims) -> str:
+        return f"B{_pow2(dims['B'])}_C{_pow2(dims.get('C', 1))}"
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _host(v) -> np.ndarray:
+    o = v.owner
+    mod = type(o).__module__
+    if mod.startswith("torch"):
+        return o.detach().cpu().numpy()
+    if mod.startswith("cupy"):
+        return o.get()
+    if isinstance(o, np.ndarray):
+        return o
+    raise ArgumentError(f"cannot read {type(o).__name__} on the host for the content check; "
+                        "pass check_contents=False")
+
+
+family = MLADecodeFamily()

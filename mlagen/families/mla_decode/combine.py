@@ -1,0 +1,111 @@
+"""mla_combine: the combine step of split-KV MLA decode (see the package docstring).
+
+``o_part[r, :, p, b]`` is partition p's output normalised by its own softmax sum and
+``lse_part[r, p, b]`` its log2-sum-exp (-inf for an empty partition).  The result is
+``out = sum_p 2^(lse_p - M) o_p / (sum_p 2^(lse_p - M) [+ 2^(sink*log2 e - M)])`` in bf16 and the
+natural-log LSE.  One warp per row: lanes stride over partitions for the maximum, then every lane
+accumulates 16 of the 512 dims over the partitions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...abi import ArgLayout, Sym, TensorArg
+from ..base import Family, Param, Problem
+
+DV = 512
+
+
+class MLACombine(Family):
+    name = "mla_combine"
+    template = "mla_combine.py.j2"
+    doc = "combine step of split-KV MLA decode: LSE-weighted merge of partial outputs (+ attention sink)"
+    params = (
+        Param("num_heads", 128, choices=(16, 32, 64, 128), doc="query heads"),
+        Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence"),
+        Param("attn_sink", False, doc="per-head sink logit added to the denominator"),
+        Param("warps", 4, choices=(1, 2, 4, 8), doc="rows (warps) per CTA"),
+    )
+    shape_params = ("num_heads", "q_len", "attn_sink")
+    bucket_dims = ("B", "NPART")
+
+    def layout(self, p) -> ArgLayout:
+        R = p["num_heads"] * p["q_len"]
+        syms = {s.name: s for s in [
+            Sym("NPART", 32, doc="KV partitions"), Sym("B", 32, doc="sequences"),
+            Sym("spr", 64, 4, "o_part row stride"), Sym("spp", 64, 4, "o_part partition stride"),
+            Sym("spb", 64, 4, "o_part batch stride"),
+            Sym("sxr", 64, 1, "lse_part row stride"), Sym("sxp", 64, 1, "lse_part partition stride"),
+            Sym("sxb", 64, 1, "lse_part batch stride"),
+            Sym("sor", 64, 4, "out row stride"), Sym("sob", 64, 4, "out batch stride"),
+            Sym("slr", 64, 1, "lse row stride"), Sym("slb", 64, 1, "lse batch stride"),
+        ]}
+        args = [
+            TensorArg("o_part", "f32", (R, DV, "NPART", "B"), ("spr", 1, "spp", "spb"), 16, "in"),
+            TensorArg("lse_part", "f32", (R, "NPART", "B"), ("sxr", "sxp", "sxb"), 4, "in"),
+        ]
+        if p["attn_sink"]:
+            args.append(TensorArg("attn_sink", "f32", (p["num_heads"],), (1,), 4, "in"))
+        args += [
+            TensorArg("out", "bf16", (R, DV, "B"), ("sor", 1, "sob"), 8, "out"),
+            TensorArg("lse", "f32", (R, "B"), ("slr", "slb"), 4, "out"),
+        ]
+        return ArgLayout(syms, args)
+
+    def block(self, p):
+        return (32 * p["warps"], 1, 1)
+
+    def grid(self, p, dims):
+        R = p["num_heads"] * p["q_len"]
+        return (-(-R // p["warps"]), dims["B"], 1)
+
+    def template_context(self, p, arch):
+        return dict(p)
+
+    def kernel_name(self, p):
+        return (f"mla_combine_h{p['num_heads']}_q{p['q_len']}" + ("_sink" if p["attn_sink"] else "")
+                + f"_w{p['warps']}")
+
+    def bytes_moved(self, p, dims):
+        R = p["num_heads"] * p["q_len"]
+        return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + DV * 2 + 4)
+
+    def make_problem(self, p, dims, rng) -> Problem:
+        """Random partials; some partitions empty (lse -inf, o_part NaN: an empty partition's values must
+        never be read)."""
+        R = p["num_heads"] * p["q_len"]
+        B, P = int(dims["B"]), int(dims["NPART"])
+        o = rng.standard_normal((B, P, R, DV)).astype(np.float32)
+        lse = rng.uniform(-5, 20, (B, P, R)).astype(np.float32)
+        empty = rng.random((B, P, R)) < 0.2
+        lse[empty] = -np.inf
+        o[empty] = np.nan
+        if B > 1:
+            lse[-1] = -np.inf          # a sequence with nothing at all
+            o[-1] = np.nan
+        inputs = dict(o_part=o, lse_part=lse)
+        if p["attn_sink"]:
+            inputs["attn_sink"] = rng.uniform(-1, 3, p["num_heads"]).astype(np.float32)
+        return Problem(dict(B=B, NPART=P), inputs)
+
+    def reference(self, p, inputs, precision="f64") -> dict:
+        o = inputs["o_part"].astype(np.float64)
+        lse2 = inputs["lse_part"].astype(np.float64)               # log2 units
+        B, P, R, _ = o.shape
+        parts = [lse2]
+        if p["attn_sink"]:
+            sink2 = np.tile(inputs["attn_sink"].astype(np.float64), p["q_len"]) / np.log(2.0)
+            parts.append(np.broadcast_to(sink2[None, None, :], (B, 1, R)))
+        allv = np.concatenate(parts, axis=1)
+        mx = allv.max(axis=1)
+        mu = np.where(np.isneginf(mx), 0.0, mx)
+        w = np.exp2(lse2 - mu[:, None, :])
+        den = np.exp2(allv - mu[:, None, :]).sum(axis=1)
+        num = np.einsum("bpr,bprd->brd", w, np.where(w[..., None] > 0, o, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(den[..., None] > 0, num / den[..., None], 0.0)
+            lse = (mu + np.log2(den)) * np.log(2.0)
+        return {"out": out, "lse": lse}
+
+
+family = MLACombine()
