@@ -222,8 +222,10 @@ def main_bench(args) -> int:
     ceil = measure_ceilings()
     print(f"ceilings on {ceil['device']}: copy {ceil['copy_gbps']:.0f} GB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s"
           + (f", fp8 {ceil['fp8_tflops']:.0f} TFLOP/s" if "fp8_tflops" in ceil else ""))
-    rows = bench_family(fam.name, bundles, shapes, args.warmup, args.reps, with_torch=not args.no_torch,
-                        compile_torch=args.compile_torch, ceilings=ceil)
+    rows = fam.bench_rows(args.bundles, shapes, args, ceil)    # a family that times more than one kernel per call
+    if rows is None:
+        rows = bench_family(fam.name, bundles, shapes, args.warmup, args.reps, with_torch=not args.no_torch,
+                            compile_torch=args.compile_torch, ceilings=ceil)
     ceil_row = dict(table="ceilings", date=now_utc(), commit=git_commit(), **ceil)
     append_rows([ceil_row], "ceilings", args.results)
     path = append_rows(rows, "bench", args.results)

@@ -167,6 +167,10 @@ class Family:
                 t[a.name] = to_torch(prob.inputs[a.name], a.dtype) if a.name in prob.inputs else None
         return t
 
+    def bench_rows(self, bundles_root, shapes, args, ceilings) -> list | None:
+        """Benchmark rows for a family whose call is more than one launch (None: the generic per-bundle bench)."""
+        return None
+
     def baseline_desc(self, p: dict) -> str:
         """What the torch_eager rows of the benchmark ran."""
         return "torch ops (float32 compute)"

@@ -184,8 +184,9 @@ class MLADecodeFamily(Family):
         npages = dims["NS"] // p["page_size"]
         if np.any(lens < 0):
             raise ArgumentError(f"{k}: kv_lengths has negative entries")
-        if np.any(lens < ql) and not p["sparse"] and ql > 1:
-            b = int(np.argmax(lens < ql))
+        short = (lens > 0) & (lens < ql)
+        if np.any(short) and not p["sparse"]:
+            b = int(np.argmax(short))
             raise ArgumentError(f"{k}: kv_lengths[{b}]={int(lens[b])} is shorter than q_len={ql} (the new tokens "
                                 "are part of the cache)")
         cap = dims["MP"] * p["page_size"]
@@ -225,7 +226,7 @@ class MLADecodeFamily(Family):
         """dims: B sequences, C max cached tokens (lengths uniform in [q_len, C] unless uniform=1),
         optional zero=1 to make sequence 0 empty.  Pages are a random permutation; slots no sequence
         owns hold NaN, so reading one shows up in the output."""
-        B, C = int(dims["B"]), int(dims["C"])
+        B, C = int(dims["B"]), max(int(dims["C"]), p["q_len"])
         L = int(dims.get("L", 2))
         ps, h, ql = p["page_size"], p["num_heads"], p["q_len"]
         lo = ql if not p["sparse"] else 1
@@ -310,7 +311,16 @@ class MLADecodeFamily(Family):
         return {"out": out, "lse": lse}
 
     # ---------------- benchmark companions ----------------
-    bench_shapes = [dict(B=b, C=c, uniform=1) for b in (64, 128) for c in (1024, 4096, 16384)]
+    # FlashMLA's decode shapes: batch 64 / 128, context 1k..32k
+    bench_shapes = [dict(B=b, C=c, uniform=1) for b in (64, 128) for c in (1024, 4096, 16384, 32768)]
+
+    def bench_rows(self, bundles_root, shapes, args, ceilings):
+        """The MLADecode plan (decode + combine) per bundle, over partition counts (None = the heuristic)."""
+        from ...runtime import find_bundles
+        from .plan import bench_plan
+        dirs = find_bundles(bundles_root, "mla_decode") + find_bundles(bundles_root, "mla_combine")
+        return bench_plan(dirs, shapes, warmup=min(args.warmup, 5), reps=min(args.reps, 30),
+                          with_torch=not args.no_torch, ceilings=ceilings, partitions=(None, 1, 2, 4, 8))
 
     def bucket(self, dims) -> str:
         return f"B{_pow2(dims['B'])}_C{_pow2(dims.get('C', 1))}"

@@ -16,6 +16,7 @@ loop replays or a CUDA graph captures.  Tensors are torch tensors in the usual l
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ...abi import ArgumentError
@@ -160,3 +161,142 @@ class MLADecode:
         b = self.bind(*args, **kwargs)
         b.launch()
         return b.out, b.lse
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark: the plan (decode + combine) against the same math in torch, on GPU-built problems
+# --------------------------------------------------------------------------------------------
+def torch_problem(p: dict, B: int, C: int, uniform: bool = True, seed: int = 0, layers: int = 1):
+    """A decode problem built on the GPU (host numpy would take minutes at B=128, C=32k)."""
+    import torch
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ps, h, ql = p["page_size"], p["num_heads"], p["q_len"]
+    lens = (torch.full((B,), C, dtype=torch.int32, device="cuda") if uniform else
+            torch.randint(max(1, ql), C + 1, (B,), generator=g, device="cuda", dtype=torch.int32))
+    mp = -(-C // ps)
+    npages = B * mp + 1
+    perm = torch.randperm(npages, generator=g, device="cuda").to(torch.int32)
+    pt = perm[:B * mp].view(B, mp).contiguous()
+    cache = torch.randn((layers, npages, ps, 1, 576), generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    q = torch.randn((B, ql, h, 576), generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    kw = dict(layer_idx=layers - 1, softmax_scale=1.0 / math.sqrt(192.0))
+    if p["sparse"]:
+        K = p["topk"]
+        n = min(K, C)
+        idx = torch.stack([torch.randperm(C, generator=g, device="cuda")[:n] for _ in range(B * ql)]).to(torch.int32)
+        if n < K:
+            idx = torch.cat([idx, torch.full((B * ql, K - n), -1, dtype=torch.int32, device="cuda")], 1)
+        kw["indices"] = idx.view(B, ql, K).contiguous()
+        kw["topk_lengths"] = torch.full((B, ql), K, dtype=torch.int32, device="cuda")
+    if p["attn_sink"]:
+        kw["attn_sink"] = torch.rand((h,), generator=g, device="cuda") * 3 - 1
+    return dict(q=q, kv_cache=cache, page_table=pt, kv_lengths=lens), kw
+
+
+def torch_reference(p: dict, t: dict, kw: dict, chunk: int = 8):
+    """The same math in torch ops (bf16 matmuls, float32 softmax), in sequence chunks."""
+    import torch
+    q, cache, pt, lens = t["q"], t["kv_cache"], t["page_table"], t["kv_lengths"]
+    B, ql, h, _ = q.shape
+    ps = p["page_size"]
+    layer = kw["layer_idx"]
+    scale = kw["softmax_scale"]
+    n = int(lens.max().item()) if B else 0
+    flat = cache[layer].view(-1, 576)
+    pos = torch.arange(n, device=q.device)
+    out = torch.empty((B, ql, h, DV), dtype=torch.bfloat16, device=q.device)
+    lse = torch.empty((B, ql, h), dtype=torch.float32, device=q.device)
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        slots = pt[b0:b1, pos // ps].long() * ps + (pos % ps)
+        kv = flat[slots]                                                  # [b, n, 576]
+        qq = q[b0:b1].reshape(b1 - b0, ql * h, 576)
+        s = torch.matmul(qq, kv.transpose(1, 2)).float() * scale          # [b, ql*h, n]
+        if p["sparse"]:
+            idx = kw["indices"][b0:b1].long()                             # [b, ql, K]
+            valid = (idx >= 0) & (idx < lens[b0:b1, None, None])
+            keep = torch.zeros((b1 - b0, ql, n + 1), dtype=torch.bool, device=q.device)
+            keep.scatter_(2, torch.where(valid, idx, n), True)
+            m = keep[..., :n].repeat_interleave(h, 1)
+        else:
+            qpos = torch.arange(ql, device=q.device).repeat_interleave(h)
+            end = lens[b0:b1, None] - ql + 1 + qpos[None, :] if (p["causal"] and ql > 1) else lens[b0:b1, None].expand(-1, ql * h)
+            m = pos[None, None, :] < end[..., None]
+        s = s.masked_fill(~m, float("-inf"))
+        if p["attn_sink"]:
+            s = torch.cat([s, kw["attn_sink"].repeat(ql)[None, :, None].expand(b1 - b0, -1, 1)], 2)
+        l = torch.logsumexp(s, -1)
+        pr = torch.exp(s - l[..., None])[..., :n]
+        o = torch.matmul(pr.to(torch.bfloat16), kv[..., :DV])
+        out[b0:b1] = o.view(b1 - b0, ql, h, DV)
+        lse[b0:b1] = l.view(b1 - b0, ql, h)
+    return out, lse
+
+
+def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_torch: bool = True,
+               ceilings: dict | None = None, partitions=(None,), log=print) -> list[dict]:
+    """Time MLADecode (decode + combine) per bundle and shape; torch rows for the same problem."""
+    import json as _json
+    import torch
+    from ... import bench as B_
+    from ...env import git_commit, now_utc
+    ks = [runtime.Kernel(b) for b in bundle_dirs]
+    decs = [k for k in ks if k.family.name == "mla_decode"]
+    combs = [k for k in ks if k.family.name == "mla_combine"]
+    fam = DECODE
+    ceilings = ceilings or B_.measure_ceilings()
+    timer = B_.Timer(warmup, reps)
+    dev, commit, date = torch.cuda.get_device_name(0), git_commit(), now_utc()
+    shapes = shapes or fam.bench_shapes
+    groups: dict[str, list] = {}
+    for k in decs:
+        groups.setdefault(_json.dumps({n: k.params[n] for n in fam.shape_params}, sort_keys=True), []).append(k)
+    rows = []
+    for key, group in groups.items():
+        p0 = group[0].params
+        for shape in shapes:
+            B, C = int(shape["B"]), int(shape["C"])
+            t, kw = torch_problem(p0, B, C, bool(shape.get("uniform", 1)))
+            dims = dict(B=B, C=C, T=B * C)
+            ref = None
+            eager = None
+            if with_torch:
+                try:
+                    ref = torch_reference(p0, t, kw)
+                    r = timer(lambda: torch_reference(p0, t, kw))
+                    eager = r["time_us"]
+                    rw = B_.row(fam, None, "torch_eager", p0, dims, shape, r, ceilings, dev, commit, date, 0.0)
+                    rw["baseline"] = "torch: gather pages, bf16 matmuls, float32 softmax (8-sequence chunks)"
+                    rows.append(rw)
+                except torch.OutOfMemoryError:
+                    log(f"torch baseline out of memory at {shape}")
+                    torch.cuda.empty_cache()
+            for k in group:
+                comb = next((c for c in combs if all(c.params[n] == k.params[n]
+                                                     for n in ("num_heads", "q_len", "attn_sink"))), None)
+                plan = MLADecode(k, comb)
+                for npart in partitions:
+                    if npart is not None and npart > 1 and comb is None:
+                        continue
+                    b = plan.bind(**t, **kw, num_partitions=npart, max_len=C)
+                    b.launch()
+                    torch.cuda.synchronize()
+                    err = float("nan")
+                    if ref is not None:
+                        x, y = b.out.double(), ref[0].double()
+                        err = ((x - y).norm() / y.norm()).item()
+                    r = timer(b.launch)
+                    rw = B_.row(fam, k, "mlagen", dict(k.params, num_partitions=b.num_partitions), dims, shape, r,
+                                ceilings, dev, commit, date, err, eager)
+                    rw["pct_bf16"] = 100.0 * rw["tflops"] / ceilings["bf16_tflops"]
+                    rows.append(rw)
+            best = min((x for x in rows if x["impl"] == "mlagen" and x["shape"] == _json.dumps(shape, sort_keys=True)
+                        and x["group"] == key), key=lambda x: x["time_us"], default=None)
+            if best:
+                log(f"mla_decode {key} {shape}: {best['kernel']} P={_json.loads(best['params'])['num_partitions']} "
+                    f"{best['time_us']:.1f} us  {best['gbps']:.0f} GB/s ({best['pct_copy']:.0f}% copy)  "
+                    f"{best['tflops']:.0f} TFLOP/s ({best['pct_bf16']:.0f}% bf16)  "
+                    f"{best.get('speedup_vs_eager', float('nan')):.2f}x torch  err {best['err_vs_torch_f32']:.1e}")
+            del t, kw, ref
+            torch.cuda.empty_cache()
+    return rows
