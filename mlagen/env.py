@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @lru_cache(maxsize=None)
 def git_commit() -> str:
-    """The commit of the code that runs: git, else $MLAGEN_COMMIT, else a COMMIT file (carried to GPU hosts)."""
+    """The commit of the code that runs: $MLAGEN_COMMIT (set by scripts/gpu_run.sh from the carried
+    build/gpu/COMMIT: a GPU host's copy of the tree may carry a stale .git), else git, else a COMMIT file."""
+    if os.environ.get("MLAGEN_COMMIT"):
+        return os.environ["MLAGEN_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -23,8 +26,6 @@ def git_commit() -> str:
             return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    if os.environ.get("MLAGEN_COMMIT"):
-        return os.environ["MLAGEN_COMMIT"]
     for cand in (REPO / "COMMIT", REPO / "build" / "COMMIT", Path.cwd() / "COMMIT"):
         if cand.exists():
             return cand.read_text().strip()

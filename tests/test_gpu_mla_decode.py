@@ -35,13 +35,15 @@ def _plan(k):
 
 
 def _inputs(p, x):
-    t = dict(q=to_torch(x["q"], "bf16"), kv_cache=to_torch(x["kv_cache"], "bf16"),
+    t = dict(q=to_torch(x["q"], "bf16"), kv_cache=to_torch(x["kv_cache"], p["cache_dtype"]),
              page_table=to_torch(x["page_table"], "i32"), kv_lengths=to_torch(x["kv_lengths"], "i32"))
     kw = dict(layer_idx=x["layer_idx"], softmax_scale=x["softmax_scale"])
     if p["sparse"]:
         kw["indices"], kw["topk_lengths"] = to_torch(x["indices"], "i32"), to_torch(x["topk_lengths"], "i32")
     if p["attn_sink"]:
         kw["attn_sink"] = to_torch(x["attn_sink"], "f32")
+    if p["cache_dtype"] == "f8e4m3":
+        kw["kv_scales"] = to_torch(x["kv_scales"], "f32")
     return t, kw
 
 

@@ -44,7 +44,9 @@ class MLADecodeFamily(Family):
         Param("num_heads", 128, choices=(16, 32, 64, 128), doc="query heads (16 per GPU at TP8, 128 at TP1)"),
         Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence per step (>1: speculative decoding)"),
         Param("page_size", 64, lo=1, hi=4096, doc="tokens per cache page"),
-        Param("cache_dtype", "bf16", choices=("bf16",), doc="cache element type"),
+        Param("cache_dtype", "bf16", choices=("bf16", "f8e4m3"), doc="cache element type"),
+        Param("quant_granularity", 64, choices=(8, 16, 32, 64, 576),
+              doc="fp8 cache: elements per float32 scale (as rope_rmsnorm_quant wrote them; 576 = per token)"),
         Param("sparse", False, doc="top-k token indices per query instead of the whole range"),
         Param("topk", 2048, choices=(64, 128, 256, 512, 1024, 2048, 4096), doc="index list length (sparse)"),
         Param("causal", True, doc="q_len > 1: query s sees positions <= kv_len - q_len + s"),
@@ -54,7 +56,8 @@ class MLADecodeFamily(Family):
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
     )
-    shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "sparse", "topk", "causal", "attn_sink")
+    shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
+                    "attn_sink")
     arches = ("sm_90a",)
     bucket_dims = ("B", "C")
 
@@ -62,6 +65,8 @@ class MLADecodeFamily(Family):
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
+        if p["cache_dtype"] == "bf16":
+            p["quant_granularity"] = self.param("quant_granularity").default
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -75,7 +80,7 @@ class MLADecodeFamily(Family):
 
     def constraints(self, p, arch):
         errs = []
-        if p["tile_n"] * D * 2 * p["stages"] + BM * D * 2 + BM * p["tile_n"] * 2 + 1024 > 232448:
+        if self.smem_bytes(p) + 1024 > 232448:
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
                         "(Q 72 KiB + stages x tile_n x 1152 B)")
         return errs
@@ -84,7 +89,9 @@ class MLADecodeFamily(Family):
         return min(p["page_size"], p["tile_n"]) if p["page_loads"] else 8
 
     def smem_bytes(self, p):
-        return 1024 + BM * D * 2 + p["stages"] * p["tile_n"] * D * 2 + BM * p["tile_n"] * 2
+        tile = p["tile_n"] * D
+        kv = p["stages"] * tile * 2 if p["cache_dtype"] == "bf16" else tile * 2 + p["stages"] * tile
+        return 1024 + BM * D * 2 + kv + BM * p["tile_n"] * 2
 
     def smem_carveout(self, p):
         return 100
@@ -105,13 +112,14 @@ class MLADecodeFamily(Family):
             Sym("stb", 64, 1, "topk_lengths batch stride"),
             Sym("sor", 64, 1, "out row stride"), Sym("sob", 64, 1, "out batch stride"),
             Sym("slr", 64, 1, "lse row stride"), Sym("slb", 64, 1, "lse batch stride"),
-            Sym("NPART", 32, doc="KV partitions"),
+            Sym("NPART", 32, doc="KV partitions"), Sym("ss_layer", 64, 1, "kv_scales layer stride"),
             Sym("spr", 64, 1, "o_part row stride"), Sym("spp", 64, 1, "o_part partition stride"),
             Sym("spb", 64, 1, "o_part batch stride"),
             Sym("sxr", 64, 1, "lse_part row stride"), Sym("sxp", 64, 1, "lse_part partition stride"),
             Sym("sxb", 64, 1, "lse_part batch stride"),
         ]}
         rbx = self.rows_per_box(p)
+        sw = 128 if p["cache_dtype"] == "bf16" else 0      # fp8 stages are unswizzled (dequantised by threads)
         args = [
             TensorArg("q", "bf16", (qr, D, "QB"), ("sqr", 1, "sqb"), 16, "in",
                       "queries as (rows, 576, blocks); see MLADecode for the views", host_only=True),
@@ -119,9 +127,9 @@ class MLADecodeFamily(Family):
             CoordArg("coord_q", "q"),
             TensorArg("kv", p["cache_dtype"], ("NS", D, "L"), (D, 1, "s_layer"), 16, "in",
                       "the paged cache as (slots, 576, layers)", host_only=True),
-            TensorMapArg("tma_kv", "kv", (64, rbx, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            TensorMapArg("tma_kv", "kv", (64, rbx, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_kv", "kv"),
-            TensorMapArg("tma_kv1", "kv", (64, 1, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            TensorMapArg("tma_kv1", "kv", (64, 1, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_kv1", "kv"),
             TensorArg("page_table", "i32", ("B", "MP"), ("spt", 1), 4, "in"),
             TensorArg("kv_lengths", "i32", ("B",), (1,), 4, "in", "valid cache tokens per sequence (new ones included)"),
@@ -132,6 +140,10 @@ class MLADecodeFamily(Family):
                      TensorArg("topk_lengths", "i32", ("B", ql), ("stb", 1), 4, "in")]
         if p["attn_sink"]:
             args.append(TensorArg("attn_sink", "f32", (h,), (1,), 4, "in", "per-head sink logits"))
+        if p["cache_dtype"] == "f8e4m3":
+            nb = D // p["quant_granularity"]
+            args.append(TensorArg("kv_scales", "f32", ("NS", nb, "L"), (nb, 1, "ss_layer"), 4, "in",
+                                  "fp8 scales as (slots, blocks, layers), paged like the cache"))
         args += [
             TensorArg("out", "bf16", (R, DV, "B"), ("sor", 1, "sob"), 4, "out"),
             TensorArg("lse", "f32", (R, "B"), ("slr", "slb"), 4, "out"),
@@ -153,11 +165,12 @@ class MLADecodeFamily(Family):
         return (x, dims["NPART"], dims["B"])
 
     def template_context(self, p, arch):
-        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), **p)
+        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3", **p)
 
     def kernel_name(self, p):
         s = f"_sparse{p['topk']}" if p["sparse"] else ""
-        return (f"mla_decode_{p['cache_dtype']}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
+        g = f"g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
+        return (f"mla_decode_{p['cache_dtype']}{g}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows"))
 
@@ -216,7 +229,8 @@ class MLADecodeFamily(Family):
 
     def bytes_moved(self, p, dims):
         R = p["num_heads"] * p["q_len"]
-        return self.tokens(p, dims) * D * 2 + dims["B"] * R * (D * 2 + DV * 2 + 4)
+        per_tok = D * 2 if p["cache_dtype"] == "bf16" else D + 4 * (D // p["quant_granularity"])
+        return self.tokens(p, dims) * per_tok + dims["B"] * R * (D * 2 + DV * 2 + 4)
 
     def flops(self, p, dims):
         rows = p["num_heads"] * (1 if p["sparse"] else p["q_len"])
@@ -250,10 +264,15 @@ class MLADecodeFamily(Family):
                 rows = rng.standard_normal((n, D)).astype(np.float32)
                 t = np.arange(n)
                 cache[layer, pt[b, t // ps], t % ps, 0, :] = rows
-        cache = round_to(cache, "bf16")
+        if p["cache_dtype"] == "f8e4m3":
+            cache, scales = quantize_rows(cache, p["quant_granularity"])
+            inputs_extra = dict(kv_scales=scales)
+        else:
+            cache = round_to(cache, "bf16")
+            inputs_extra = {}
         q = round_to(rng.standard_normal((B, ql, h, D)), "bf16")
         inputs = dict(q=q, kv_cache=cache, page_table=pt, kv_lengths=lens.astype(np.int32), layer_idx=layer,
-                      softmax_scale=float(dims.get("scale", 1.0 / math.sqrt(192.0))))
+                      softmax_scale=float(dims.get("scale", 1.0 / math.sqrt(192.0))), **inputs_extra)
         if p["sparse"]:
             K = p["topk"]
             idx = np.full((B, ql, K), -1, np.int32)
@@ -279,6 +298,9 @@ class MLADecodeFamily(Family):
         B, ql, h, _ = q.shape
         ps = p["page_size"]
         cache = inputs["kv_cache"][inputs["layer_idx"], :, :, 0, :].astype(np.float64)
+        if p["cache_dtype"] == "f8e4m3":
+            sc = inputs["kv_scales"][inputs["layer_idx"], :, :, 0, :].astype(np.float64)
+            cache = cache * np.repeat(sc, p["quant_granularity"], axis=-1)
         lens = inputs["kv_lengths"]
         scale = float(inputs["softmax_scale"])
         out = np.zeros((B, ql, h, DV))
@@ -324,6 +346,18 @@ class MLADecodeFamily(Family):
 
     def bucket(self, dims) -> str:
         return f"B{_pow2(dims['B'])}_C{_pow2(dims.get('C', 1))}"
+
+
+def quantize_rows(x: np.ndarray, g: int):
+    """float rows [..., 576] -> (fp8 e4m3 values, float32 scales [..., 576 / g]) with scale = amax / 448, as
+    rope_rmsnorm_quant writes them.  NaN rows stay NaN (fp8 NaN, NaN scales)."""
+    from ...numerics import FP8_E4M3_MAX, quantize_fp8
+    blk = x.reshape(*x.shape[:-1], -1, g).astype(np.float32)
+    amax = np.max(np.abs(blk), axis=-1)
+    scale = (np.maximum(amax, 1e-30) / FP8_E4M3_MAX).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = quantize_fp8((blk * (1.0 / scale)[..., None]).reshape(x.shape))
+    return q, scale
 
 
 def _pow2(x: int) -> int:

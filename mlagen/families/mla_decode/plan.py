@@ -8,7 +8,8 @@
 loop replays or a CUDA graph captures.  Tensors are torch tensors in the usual layouts::
 
     q           [B, q_len, H, 576] bf16 (rows compact: the (q_len, H) modes must be viewable as one)
-    kv_cache    [L, pages, page_size, 1, 576] bf16 (the rope_rmsnorm_quant layout)
+    kv_cache    [L, pages, page_size, 1, 576] bf16 or fp8 e4m3 (the rope_rmsnorm_quant layout)
+    kv_scales   [L, pages, page_size, 1, 576 / quant_granularity] float32 (fp8 bundles)
     page_table  [B, max_pages] int32;  kv_lengths [B] int32 (the new tokens included)
     indices     [B, q_len, topk] int32, topk_lengths [B, q_len] int32 (sparse bundles)
     attn_sink   [H] float32 (sink bundles)
@@ -94,7 +95,7 @@ class MLADecode:
         return qv, kv, out.reshape(B, ql * h, DV).permute(1, 2, 0), lse.reshape(B, ql * h).permute(1, 0)
 
     def bind(self, q, kv_cache, page_table, kv_lengths, *, layer_idx: int = 0, softmax_scale: float | None = None,
-             indices=None, topk_lengths=None, attn_sink=None, num_partitions: int | None = None,
+             kv_scales=None, indices=None, topk_lengths=None, attn_sink=None, num_partitions: int | None = None,
              out=None, lse=None, max_len: int | None = None, stream: Any = None,
              check_contents: bool = True) -> BoundMLADecode:
         import torch
@@ -114,6 +115,8 @@ class MLADecode:
             args["indices"], args["topk_lengths"] = indices, topk_lengths
         if attn_sink is not None:
             args["attn_sink"] = attn_sink
+        if kv_scales is not None:       # [L, pages, page_size, 1, NB] -> (slots, NB, L)
+            args["kv_scales"] = kv_scales.reshape(kv_scales.shape[0], -1, kv_scales.shape[-1]).permute(1, 2, 0)
         probe_p = None
         dec = self.decode
         if isinstance(dec, runtime.Dispatcher):
@@ -177,9 +180,18 @@ def torch_problem(p: dict, B: int, C: int, uniform: bool = True, seed: int = 0, 
     npages = B * mp + 1
     perm = torch.randperm(npages, generator=g, device="cuda").to(torch.int32)
     pt = perm[:B * mp].view(B, mp).contiguous()
-    cache = torch.randn((layers, npages, ps, 1, 576), generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    cache = torch.randn((layers, npages, ps, 1, 576), generator=g, device="cuda", dtype=torch.float32)
+    extra = {}
+    if p["cache_dtype"] == "f8e4m3":
+        gq = p["quant_granularity"]
+        blk = cache.view(layers, npages, ps, 1, 576 // gq, gq)
+        sc = blk.abs().amax(-1).clamp_min(1e-30) / 448.0
+        cache = (blk / sc[..., None]).view(cache.shape).to(torch.float8_e4m3fn)
+        extra["kv_scales"] = sc.contiguous()
+    else:
+        cache = cache.to(torch.bfloat16)
     q = torch.randn((B, ql, h, 576), generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
-    kw = dict(layer_idx=layers - 1, softmax_scale=1.0 / math.sqrt(192.0))
+    kw = dict(layer_idx=layers - 1, softmax_scale=1.0 / math.sqrt(192.0), **extra)
     if p["sparse"]:
         K = p["topk"]
         n = min(K, C)
@@ -203,6 +215,10 @@ def torch_reference(p: dict, t: dict, kw: dict, chunk: int = 8):
     scale = kw["softmax_scale"]
     n = int(lens.max().item()) if B else 0
     flat = cache[layer].view(-1, 576)
+    if p["cache_dtype"] == "f8e4m3":       # dequantise the layer once (the torch path has no fused dequant)
+        gq = p["quant_granularity"]
+        sc = kw["kv_scales"][layer].reshape(-1, 576 // gq)
+        flat = (flat.float().view(-1, 576 // gq, gq) * sc[..., None]).view(-1, 576).to(torch.bfloat16)
     pos = torch.arange(n, device=q.device)
     out = torch.empty((B, ql, h, DV), dtype=torch.bfloat16, device=q.device)
     lse = torch.empty((B, ql, h), dtype=torch.float32, device=q.device)
