@@ -74,7 +74,7 @@ BENCH = {
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
-        for h in (16, 128) for tn, st in ((64, 2), (64, 3), (32, 4))
+        for h in (16, 128) for tn, st in ((64, 2), (32, 4), (32, 6))
     ],
     "mla_combine": [{"num_heads": h, "q_len": q} for h in (16, 128) for q in (1, 2)],
     "qk_rmsnorm": [

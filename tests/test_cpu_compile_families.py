@@ -70,3 +70,29 @@ def test_act_quant_fp8_compiles_vectorised_without_spills(params, tmp_path_facto
     assert "ld.global.v4" in ptx
     assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
     assert "div.rn.f32" in ptx or "rcp.rn.f32" in ptx     # 1/scale correctly rounded, as the reference
+
+
+@pytest.mark.parametrize("params", suites.TEST["mla_decode"], ids=lambda v: json.dumps(v, sort_keys=True))
+def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
+    b, m, ptx = _build(tmp_path_factory, "mla_decode", params, "sm_90a")
+    p = m["params"]
+    if p["page_loads"] or p["cache_dtype"] == "f8e4m3":
+        _no_spills(m)
+    assert "wgmma.mma_async" in ptx and ".bf16.bf16" in ptx, "bf16 warpgroup MMA for S and O"
+    assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of Q and the KV pages"
+    assert "setmaxnreg.dec.sync.aligned.u32 \t40;" in ptx and "setmaxnreg.inc.sync.aligned.u32 \t232;" in ptx
+    assert "ex2.approx" in ptx and "shfl.sync.bfly" in ptx, "online softmax"
+    if p["cache_dtype"] == "f8e4m3":
+        assert "cvt.rn.f16x2.e4m3x2" in ptx, "fp8 dequantisation"
+    sass = mcompile.sass(b / "kernel.cubin")
+    if sass:
+        assert "HGMMA.64x256x16.F32.BF16" in sass, "O += P V, 256 value dims per warpgroup"
+        assert f"HGMMA.64x{p['tile_n'] // 2}x16.F32.BF16" in sass, "S = Q K^T, half the tile per warpgroup"
+        assert "UTMALDG" in sass
+
+
+@pytest.mark.parametrize("params", suites.TEST["mla_combine"], ids=lambda v: json.dumps(v, sort_keys=True))
+def test_mla_combine_compiles_vectorised_without_spills(params, tmp_path_factory):
+    b, m, ptx = _build(tmp_path_factory, "mla_combine", params, "sm_90a")
+    _no_spills(m)
+    assert "ld.global.v4.f32" in ptx or "ld.global.v4.b32" in ptx, "16-byte loads of the partial outputs"

@@ -52,7 +52,7 @@ class MLADecodeFamily(Family):
         Param("causal", True, doc="q_len > 1: query s sees positions <= kv_len - q_len + s"),
         Param("attn_sink", False, doc="per-head sink logit added to the softmax denominator"),
         Param("tile_n", 64, choices=(32, 64), doc="KV tokens per pipeline stage"),
-        Param("stages", 2, choices=(2, 3, 4), doc="shared-memory pipeline stages"),
+        Param("stages", 2, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages (KV tiles in flight)"),
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
     )
