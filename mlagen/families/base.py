@@ -184,7 +184,7 @@ class Family:
 
     def table_key(self, p: Mapping, dims: Mapping[str, int]) -> str:
         """Dispatch-table key: the shape-defining parameters and the size bucket."""
-        return ",".join(f"{k}={p[k]}" for k in self.shape_params) + "|" + self.bucket(dims)
+        return ",".join(f"{k}={p.get(k, self.param(k).default)}" for k in self.shape_params) + "|" + self.bucket(dims)
 
     def prefer(self, kernels: list, dims: Mapping[str, int]):
         """Heuristic choice among kernels that accept a call, when the tuned table has no entry."""

@@ -90,7 +90,8 @@ class MLADecodeFamily(Family):
 
     def smem_bytes(self, p):
         tile = p["tile_n"] * D
-        kv = p["stages"] * tile * 2 if p["cache_dtype"] == "bf16" else tile * 2 + p["stages"] * tile
+        # fp8 stages hold 5 x 128-byte boxes per token (TMA destinations must be 128-byte aligned)
+        kv = p["stages"] * tile * 2 if p["cache_dtype"] == "bf16" else tile * 2 + p["stages"] * p["tile_n"] * 640
         return 1024 + BM * D * 2 + kv + BM * p["tile_n"] * 2
 
     def smem_carveout(self, p):
@@ -120,6 +121,7 @@ class MLADecodeFamily(Family):
         ]}
         rbx = self.rows_per_box(p)
         sw = 128 if p["cache_dtype"] == "bf16" else 0      # fp8 stages are unswizzled (dequantised by threads)
+        cw = 64 if p["cache_dtype"] == "bf16" else 128     # 128-byte boxes
         args = [
             TensorArg("q", "bf16", (qr, D, "QB"), ("sqr", 1, "sqb"), 16, "in",
                       "queries as (rows, 576, blocks); see MLADecode for the views", host_only=True),
@@ -127,9 +129,9 @@ class MLADecodeFamily(Family):
             CoordArg("coord_q", "q"),
             TensorArg("kv", p["cache_dtype"], ("NS", D, "L"), (D, 1, "s_layer"), 16, "in",
                       "the paged cache as (slots, 576, layers)", host_only=True),
-            TensorMapArg("tma_kv", "kv", (64, rbx, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
+            TensorMapArg("tma_kv", "kv", (cw, rbx, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_kv", "kv"),
-            TensorMapArg("tma_kv1", "kv", (64, 1, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
+            TensorMapArg("tma_kv1", "kv", (cw, 1, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_kv1", "kv"),
             TensorArg("page_table", "i32", ("B", "MP"), ("spt", 1), 4, "in"),
             TensorArg("kv_lengths", "i32", ("B",), (1,), 4, "in", "valid cache tokens per sequence (new ones included)"),
