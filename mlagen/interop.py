@@ -44,3 +44,19 @@ def poison(t):
     else:
         t.fill_(-12345)
     return t
+
+
+def host_copy(v) -> np.ndarray:
+    """Copy an argument view's array (torch, cupy or numpy) to the host, for the runtime's content checks
+    (page indices, lengths).  Synchronises."""
+    from .abi import ArgumentError
+    o = v.owner
+    mod = type(o).__module__
+    if mod.startswith("torch"):
+        return o.detach().cpu().numpy()
+    if mod.startswith("cupy"):
+        return o.get()
+    if isinstance(o, np.ndarray):
+        return o
+    raise ArgumentError(f"cannot read {type(o).__name__} on the host for the content check; "
+                        "pass check_contents=False")

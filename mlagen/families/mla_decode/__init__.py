@@ -31,6 +31,7 @@ import numpy as np
 
 from ...abi import ArgLayout, ArgumentError, CoordArg, ScalarArg, Sym, TensorArg, TensorMapArg
 from ...numerics import round_to
+from ...interop import host_copy
 from ..base import Family, Param, Problem
 
 D, DV, BM = 576, 512, 64
@@ -194,8 +195,8 @@ class MLADecodeFamily(Family):
             raise ArgumentError(f"{k}: o_part/lse_part must have at least one partition")
         if not contents:
             return
-        lens = _host(views["kv_lengths"]).astype(np.int64)
-        pt = _host(views["page_table"])
+        lens = host_copy(views["kv_lengths"]).astype(np.int64)
+        pt = host_copy(views["page_table"])
         npages = dims["NS"] // p["page_size"]
         if np.any(lens < 0):
             raise ArgumentError(f"{k}: kv_lengths has negative entries")
@@ -218,7 +219,7 @@ class MLADecodeFamily(Family):
                 raise ArgumentError(f"{k}: page_table[{b}, {i}] = {int(pages[i])} is not a page of the cache "
                                     f"(0..{npages - 1})")
         if p["sparse"]:
-            tl = _host(views["topk_lengths"])
+            tl = host_copy(views["topk_lengths"])
             if np.any(tl < 0) or np.any(tl > p["topk"]):
                 raise ArgumentError(f"{k}: topk_lengths must lie in [0, {p['topk']}]")
 
@@ -364,19 +365,6 @@ def quantize_rows(x: np.ndarray, g: int):
 
 def _pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _host(v) -> np.ndarray:
-    o = v.owner
-    mod = type(o).__module__
-    if mod.startswith("torch"):
-        return o.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return o.get()
-    if isinstance(o, np.ndarray):
-        return o
-    raise ArgumentError(f"cannot read {type(o).__name__} on the host for the content check; "
-                        "pass check_contents=False")
 
 
 family = MLADecodeFamily()

@@ -313,6 +313,6 @@ def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_t
                     f"{best['time_us']:.1f} us  {best['gbps']:.0f} GB/s ({best['pct_copy']:.0f}% copy)  "
                     f"{best['tflops']:.0f} TFLOP/s ({best['pct_bf16']:.0f}% bf16)  "
                     f"{best.get('speedup_vs_eager', float('nan')):.2f}x torch  err {best['err_vs_torch_f32']:.1e}")
-            del t, kw, ref
+            t = kw = ref = None      # free the problem before the next shape
             torch.cuda.empty_cache()
     return rows

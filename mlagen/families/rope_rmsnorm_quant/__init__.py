@@ -28,6 +28,7 @@ import numpy as np
 
 from ...abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, Sym, TensorArg
 from ...numerics import FP8_E4M3_MAX, NP_DTYPE, quantize_fp8, round_to
+from ...interop import host_copy
 from ..base import Family, Param, Problem
 
 
@@ -161,9 +162,9 @@ class RopeRMSNormQuant(Family):
             raise ArgumentError(f"{k}: layer_idx={layer} is outside the cache's {dims['L']} layers")
         if not contents:
             return
-        off = _host(views["input_row_offsets"]).astype(np.int64)
-        lens = _host(views["cache_lengths"]).astype(np.int64)
-        pt = _host(views["page_table"])
+        off = host_copy(views["input_row_offsets"]).astype(np.int64)
+        lens = host_copy(views["cache_lengths"]).astype(np.int64)
+        pt = host_copy(views["page_table"])
         T = dims["T"]
         if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != T:
             raise ArgumentError(f"{k}: input_row_offsets must start at 0, never decrease and end at T={T}; "
@@ -364,20 +365,6 @@ class RopeRMSNormQuant(Family):
             sc = t["kv_scales"][L, page, slot, 0]
             rows = (rows.view(rows.shape[0], -1, g) * sc[..., None]).view(rows.shape)
         return {"q_rope_out": t["q_rope_out"].float(), "kv_cache_rows": rows}
-
-
-def _host(v) -> np.ndarray:
-    """Copy a device array view to a numpy array (for content checks; synchronises)."""
-    o = v.owner
-    mod = type(o).__module__
-    if mod.startswith("torch"):
-        return o.detach().cpu().numpy()
-    if mod.startswith("cupy"):
-        return o.get()
-    if isinstance(o, np.ndarray):
-        return o
-    raise ArgumentError(f"cannot read {type(o).__name__} on the host for the content check; "
-                        "pass check_contents=False")
 
 
 family = RopeRMSNormQuant()
