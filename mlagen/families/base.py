@@ -196,6 +196,20 @@ class Family:
         return "\n".join(lines)
 
 
+def random_page_table(rng, need, spare: int = 2):
+    """A page table for sequences needing ``need[b]`` pages, drawn from a random permutation of
+    ``sum(need) + spare`` pages; unused entries are -1.  Returns (table [B, max(need) + 1] int32, pages)."""
+    import numpy as np
+    npages = int(need.sum()) + spare
+    perm = rng.permutation(npages)
+    pt = np.full((len(need), int(max(need.max(), 1)) + 1), -1, np.int32)
+    k = 0
+    for b, n in enumerate(need):
+        pt[b, :n] = perm[k:k + n]
+        k += n
+    return pt, npages
+
+
 @dataclass
 class Problem:
     """One test/benchmark instance: numpy inputs (already rounded to the kernel's dtypes) and sizes."""

@@ -32,7 +32,7 @@ import numpy as np
 from ...abi import ArgLayout, ArgumentError, CoordArg, ScalarArg, Sym, TensorArg, TensorMapArg
 from ...numerics import round_to
 from ...interop import host_copy
-from ..base import Family, Param, Problem
+from ..base import Family, Param, Problem, random_page_table
 
 D, DV, BM = 576, 512, 64
 
@@ -40,7 +40,7 @@ D, DV, BM = 576, 512, 64
 class MLADecodeFamily(Family):
     name = "mla_decode"
     template = "mla_decode.py.j2"
-    doc = "split-KV MLA decode over a paged bf16 latent cache: TMA page loads + wgmma, online softmax (sm_90a)"
+    doc = "split-KV MLA decode over a paged bf16 / fp8 latent cache: TMA page loads + wgmma, online softmax (sm_90a)"
     params = (
         Param("num_heads", 128, choices=(16, 32, 64, 128), doc="query heads (16 per GPU at TP8, 128 at TP1)"),
         Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence per step (>1: speculative decoding)"),
@@ -250,15 +250,7 @@ class MLADecodeFamily(Family):
         lens = np.full(B, C) if dims.get("uniform", 0) else rng.integers(min(lo, C), C + 1, B)
         if dims.get("zero", 0):
             lens[0] = 0
-        need = -(-lens // ps)
-        MP = int(max(need.max(), 1)) + 1
-        NP = int(need.sum()) + 2
-        perm = rng.permutation(NP)
-        pt = np.full((B, MP), -1, np.int32)
-        k = 0
-        for b in range(B):
-            pt[b, :need[b]] = perm[k:k + need[b]]
-            k += need[b]
+        pt, NP = random_page_table(rng, -(-lens // ps))
         cache = np.full((L, NP, ps, 1, D), np.nan, np.float32)
         layer = L - 1
         for b in range(B):

@@ -17,7 +17,9 @@ loop replays or a CUDA graph captures.  Tensors are torch tensors in the usual l
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from ...abi import ArgumentError
@@ -68,15 +70,12 @@ class MLADecode:
     @classmethod
     def from_dir(cls, root, table_path: str | None = None, **shape) -> "MLADecode":
         """Bundles under ``root`` whose parameters match ``shape`` (e.g. num_heads=16, page_size=64)."""
+        table = json.loads(Path(table_path).read_text()) if table_path else None
+
         def pick(fam):
             ks = [runtime.Kernel(b) for b in runtime.find_bundles(root, fam)]
             ks = [k for k in ks if all(k.params.get(n, v) == v for n, v in shape.items())]
-            if not ks:
-                return None
-            import json
-            from pathlib import Path
-            table = json.loads(Path(table_path).read_text()) if table_path else None
-            return runtime.Dispatcher(ks, table)
+            return runtime.Dispatcher(ks, table) if ks else None
         dec = pick("mla_decode")
         if dec is None:
             raise FileNotFoundError(f"no mla_decode bundle under {root} matches {shape}")
@@ -117,16 +116,14 @@ class MLADecode:
             args["attn_sink"] = attn_sink
         if kv_scales is not None:       # [L, pages, page_size, 1, NB] -> (slots, NB, L)
             args["kv_scales"] = kv_scales.reshape(kv_scales.shape[0], -1, kv_scales.shape[-1]).permute(1, 2, 0)
-        probe_p = None
         dec = self.decode
-        if isinstance(dec, runtime.Dispatcher):
-            # choose with a one-partition workspace view (the partition count does not change the choice)
-            probe_p = dec.kernels[0].params
-        p = (probe_p or dec.params)
+        # the views depend only on shape parameters, which every candidate of the dispatcher shares
+        p = dec.kernels[0].params if isinstance(dec, runtime.Dispatcher) else dec.params
         qv, kv, ov, lv = self.views(p, q, kv_cache, out, lse)
         dummy_o = torch.empty((DV,), dtype=torch.float32, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
         dummy_l = torch.empty((1,), dtype=torch.float32, device=q.device).as_strided((ql * h, 1, B), (0, 0, 0))
         call = dict(args, q=qv, kv=kv, out=ov, lse=lv)
+        # choose with a one-partition workspace view (the partition count does not change the choice)
         k = dec.select(dict(call, o_part=dummy_o, lse_part=dummy_l)) if isinstance(dec, runtime.Dispatcher) else dec
         p = k.params
         if p["sparse"] != (indices is not None):

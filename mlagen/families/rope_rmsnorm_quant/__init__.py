@@ -29,7 +29,7 @@ import numpy as np
 from ...abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, Sym, TensorArg
 from ...numerics import FP8_E4M3_MAX, NP_DTYPE, quantize_fp8, round_to
 from ...interop import host_copy
-from ..base import Family, Param, Problem
+from ..base import Family, Param, Problem, random_page_table
 
 
 class RopeRMSNormQuant(Family):
@@ -209,15 +209,8 @@ class RopeRMSNormQuant(Family):
         seq = np.full(B, S) if dims.get("uniform", 0) or S == 1 else rng.integers(1, S + 1, B)
         lens = rng.integers(0, C + 1, B)
         end = lens + seq
-        need = -(-end // ps)
-        MP = int(need.max()) + 1
-        NP = int(need.sum()) + 3
-        perm = rng.permutation(NP)
-        pt = np.full((B, MP), -1, np.int32)
-        k = 0
-        for b in range(B):
-            pt[b, :need[b]] = perm[k:k + need[b]]
-            k += need[b]
+        pt, NP = random_page_table(rng, -(-end // ps), spare=3)
+        MP = pt.shape[1]
         off = np.concatenate([[0], np.cumsum(seq)]).astype(np.uint32)
         T = int(off[-1])
         P = int(end.max()) + 5
