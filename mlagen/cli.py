@@ -452,6 +452,24 @@ def cmd_tune_replay(args) -> int:
     return EXIT_OK
 
 
+def cmd_bench_branch(args) -> int:
+    """`mlagen bench-branch`: the fused MLA decode branch against torch and the sum of its parts."""
+    from . import decode_branch
+    from .bench import measure_ceilings, parse_shape, _print_table
+    from .env import git_commit, now_utc
+    from .report import append_rows
+    shapes = [parse_shape(s) for s in args.shape] or decode_branch.BENCH_SHAPES
+    ceil = measure_ceilings()
+    print(f"ceilings on {ceil['device']}: copy {ceil['copy_gbps']:.0f} GB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s")
+    rows = decode_branch.bench(args.bundles, shapes, args.warmup, args.reps, with_torch=not args.no_torch,
+                               table_path=args.table, ceilings=ceil)
+    append_rows([dict(table="ceilings", date=now_utc(), commit=git_commit(), **ceil)], "ceilings", args.results)
+    path = append_rows(rows, "bench", args.results) if rows else None
+    print(f"{len(rows)} rows -> {path}")
+    _print_table(rows)
+    return EXIT_OK if rows else EXIT_FAIL
+
+
 def cmd_export(args) -> int:
     from . import tune
     table = tune.export(args.results, args.out)
@@ -522,6 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     s.add_argument("--compile-torch", action="store_true", help="also time a torch.compile baseline")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("bench-branch", help="benchmark the fused MLA decode branch (mlagen.decode_branch) on this GPU")
+    s.add_argument("--bundles", default="build", help="folder holding the families' bundles (default: build)")
+    s.add_argument("--shape", action="append", default=[], metavar="H=..,B=..,C=..",
+                   help="heads, batch, context (+ q_len, page_size, fp8=1, g, sparse=1, topk); repeatable")
+    s.add_argument("--table", default=None, help="tuned dispatch table (mlagen export) for the plan's bundles")
+    s.add_argument("--results", default="results", help="results folder (default: results)")
+    s.add_argument("--warmup", type=int, default=5, help="warm-up launches (default 5)")
+    s.add_argument("--reps", type=int, default=20, help="timed launches (default 20)")
+    s.add_argument("--no-torch", action="store_true", help="skip the torch compositions")
+    s.set_defaults(func=cmd_bench_branch)
 
     s = sub.add_parser("report", help="summarise result tables (and plot one)")
     s.add_argument("--results", default="results", help="results folder (default: results)")

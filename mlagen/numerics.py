@@ -29,6 +29,17 @@ def quantize_fp8(x: np.ndarray) -> np.ndarray:
     return x.astype(ml_dtypes.float8_e4m3fn)
 
 
+def quantize_fp8_rows(y: np.ndarray, g: int):
+    """DeepSeek's 1 x g activation recipe in float32 over the last axis, as act_quant_fp8 computes it:
+    ``scale = max(amax, 1e-12) / 448``, ``q = e4m3(clamp(y * (1 / scale)))`` (1/scale correctly rounded).
+    Returns (codes, scales [..., n / g])."""
+    y = np.asarray(y, dtype=np.float32)
+    blk = y.reshape(*y.shape[:-1], -1, g)
+    scale = (np.maximum(np.abs(blk).max(axis=-1), np.float32(1e-12)) / np.float32(FP8_E4M3_MAX)).astype(np.float32)
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    return quantize_fp8((blk * inv[..., None]).reshape(y.shape)), scale
+
+
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
     out = np.asarray(out, dtype=np.float64)

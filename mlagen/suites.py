@@ -54,10 +54,20 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 64, "sparse": True, "topk": 256, "page_size": 32,
      "tile_n": 32, "stages": 3},
 ]
-# one combine kernel per (heads, q_len, sink) the decode bundles use
+# one combine kernel per (heads, q_len, sink) the decode bundles use, with bf16 output and with the fp8
+# output the decode branch's w_uv GEMM reads
 TEST["mla_combine"] = [
-    {"num_heads": h, "q_len": q, "attn_sink": s} for h, q, s in sorted(
-        {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})]
+    {"num_heads": h, "q_len": q, "attn_sink": s, "out_dtype": o} for h, q, s in sorted(
+        {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})
+    for o in ("bf16", "f8e4m3")]
+
+# the decode branch (tests/test_gpu_decode_branch.py) composes bundles of the lists above; these rope
+# bundles complete its configurations (heads 16 and 64 at page size 64)
+TEST["rope_rmsnorm_quant"] += [
+    {"num_heads": 16, "head_splits": 4, "q_unroll": 1},
+    {"num_heads": 16, "cache_dtype": "f8e4m3", "quant_granularity": 64, "head_splits": 4, "q_unroll": 1},
+    {"num_heads": 64},
+]
 
 # Performance: a small grid of tuning knobs at the default shapes.
 BENCH = {
@@ -77,7 +87,8 @@ BENCH = {
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
         for h in (16, 128) for tn, st in ((32, 3), (32, 5))
     ],
-    "mla_combine": [{"num_heads": h, "q_len": q} for h in (16, 128) for q in (1, 2)],
+    "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
+                    for o in ("bf16", "f8e4m3")],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],

@@ -4,7 +4,7 @@
 # Writes result tables and logs under $OUT (the device tool's output folder) or results/.
 set -u -o pipefail
 what=${1:-all}; shift || true
-fams=${*:-"qk_rmsnorm rope_rmsnorm_quant fp8_gemm act_quant_fp8 mla_decode"}
+fams=${*:-"qk_rmsnorm rope_rmsnorm_quant fp8_gemm act_quant_fp8 mla_decode decode_branch"}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 export MLAGEN_RESULTS_DIR=${OUT:-results} MLAGEN_REQUIRE_BUNDLES=1
 [ -f build/gpu/COMMIT ] && export MLAGEN_COMMIT=$(cat build/gpu/COMMIT)
@@ -25,6 +25,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for f in $fams; do
+    if [ "$f" = decode_branch ]; then
+      python3 -m mlagen bench-branch --bundles build/gpu/bench --results "$out" ${BRANCH_ARGS:-} 2>&1 | tee "$out/bench_$f.log" | tail -60 || rc=1
+      continue
+    fi
     python3 -m mlagen bench "$f" --bundles build/gpu/bench --results "$out" ${BENCH_ARGS:---compile-torch} 2>&1 | tee "$out/bench_$f.log" | tail -60 || rc=1
   done
 fi

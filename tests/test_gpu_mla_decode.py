@@ -29,8 +29,9 @@ SHAPES = [
 def _plan(k):
     p = k.params
     combs = [runtime.Kernel(b) for b in COMBINES]
-    combs = [c for c in combs if (c.params["num_heads"], c.params["q_len"], c.params["attn_sink"])
-             == (p["num_heads"], p["q_len"], p["attn_sink"])]
+    combs = [c for c in combs if (c.params["num_heads"], c.params["q_len"], c.params["attn_sink"],
+                                  c.params.get("out_dtype", "bf16"))
+             == (p["num_heads"], p["q_len"], p["attn_sink"], "bf16")]
     return MLADecode(k, combs[0] if combs else None)
 
 
@@ -96,23 +97,39 @@ def test_mla_combine_matches_reference(bundle, rng, record_property):
     o = to_torch(x["o_part"], "f32")
     l = to_torch(x["lse_part"], "f32")
     R = p["num_heads"] * p["q_len"]
-    out = poison(torch.empty((5, R, 512), dtype=torch.bfloat16, device="cuda"))
+    fp8 = p.get("out_dtype", "bf16") == "f8e4m3"
+    out = poison(torch.empty((5, R, 512), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device="cuda"))
     lse = poison(torch.empty((5, R), dtype=torch.float32, device="cuda"))
     args = dict(o_part=o.permute(2, 3, 1, 0), lse_part=l.permute(2, 1, 0), out=out.permute(1, 2, 0),
                 lse=lse.permute(1, 0))
+    if fp8:
+        osc = poison(torch.empty((5, R, 4), dtype=torch.float32, device="cuda"))
+        args["out_scales"] = osc.permute(1, 2, 0)
     if p["attn_sink"]:
         args["attn_sink"] = to_torch(x["attn_sink"], "f32")
     k(**args)
     torch.cuda.synchronize()
     ref = COMB.reference(p, x)
-    got = to_numpy(out, "bf16").astype(np.float64)
+    if fp8:
+        # the act_quant_fp8 codes of the bf16-rounded output: equal but for rare rounding-boundary flips
+        codes, sc = to_numpy(out, "f8e4m3"), to_numpy(osc, "f32")
+        assert np.all(np.isfinite(sc)) and np.all(np.isfinite(codes.astype(np.float32)))
+        flips = float(np.mean(codes.astype(np.float32) != ref["out_q"].astype(np.float32)))
+        record_property("fp8_code_mismatch", flips)
+        assert flips < 2e-3, f"{flips:.2%} of fp8 codes differ from act_quant_fp8 of the bf16 output"
+        assert np.allclose(sc, ref["out_scales"], rtol=1e-2, atol=0)
+        got = (codes.astype(np.float64).reshape(5, R, 4, 128) * sc[..., None]).reshape(5, R, 512)
+        tol = 4e-2                     # e4m3 rounding (3 mantissa bits) against the unquantised reference
+    else:
+        got = to_numpy(out, "bf16").astype(np.float64)
+        tol = 1e-2
     assert np.all(np.isfinite(got))
     e = rel_err(got, ref["out"])
     gl = to_numpy(lse, "f32")
     fin = np.isfinite(ref["lse"])
     assert np.array_equal(np.isfinite(gl), fin)
     record_property("rel_err", e)
-    assert e < 1e-2
+    assert e < tol
     assert np.max(np.abs(gl[fin] - ref["lse"][fin])) < 1e-3
 
 

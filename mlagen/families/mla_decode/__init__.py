@@ -1,6 +1,7 @@
 """mla_decode: split-KV MLA decode over a paged latent cache (Hopper, TMA + wgmma), and its combine step.
 
-For sequence b with ``kv_len = kv_lengths[b]`` cached tokens (the q_len new ones included), query s and
+For sequence b with ``kv_len = kv_lengths[b] + kv_len_offset`` cached tokens (the q_len new ones included:
+``kv_len_offset`` = q_len when the lengths count only the tokens before this step), query s and
 head h::
 
     S[t]  = softmax_scale * q[b, s, h, :] . K[t]          (K[t] = the cache row, all D = 576 dims)
@@ -156,6 +157,7 @@ class MLADecodeFamily(Family):
                       "workspace: partial LSE (log2 units)"),
             ScalarArg("layer_idx", "i32"),
             ScalarArg("softmax_scale", "f32"),
+            ScalarArg("kv_len_offset", "i32"),
         ]
         return ArgLayout(syms, args)
 
@@ -178,7 +180,7 @@ class MLADecodeFamily(Family):
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows"))
 
     def scalar_default(self, p, name):
-        return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0)}.get(name)
+        return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
@@ -195,11 +197,11 @@ class MLADecodeFamily(Family):
             raise ArgumentError(f"{k}: o_part/lse_part must have at least one partition")
         if not contents:
             return
-        lens = host_copy(views["kv_lengths"]).astype(np.int64)
+        lens = host_copy(views["kv_lengths"]).astype(np.int64) + int(views["kv_len_offset"])
         pt = host_copy(views["page_table"])
         npages = dims["NS"] // p["page_size"]
         if np.any(lens < 0):
-            raise ArgumentError(f"{k}: kv_lengths has negative entries")
+            raise ArgumentError(f"{k}: kv_lengths (+ kv_len_offset) has negative entries")
         short = (lens > 0) & (lens < ql)
         if np.any(short) and not p["sparse"]:
             b = int(np.argmax(short))
@@ -296,7 +298,7 @@ class MLADecodeFamily(Family):
         if p["cache_dtype"] == "f8e4m3":
             sc = inputs["kv_scales"][inputs["layer_idx"], :, :, 0, :].astype(np.float64)
             cache = cache * np.repeat(sc, p["quant_granularity"], axis=-1)
-        lens = inputs["kv_lengths"]
+        lens = inputs["kv_lengths"].astype(np.int64) + int(inputs.get("kv_len_offset", 0))
         scale = float(inputs["softmax_scale"])
         out = np.zeros((B, ql, h, DV))
         lse = np.full((B, ql, h), -np.inf)

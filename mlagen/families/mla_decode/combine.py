@@ -5,6 +5,12 @@
 ``out = sum_p 2^(lse_p - M) o_p / (sum_p 2^(lse_p - M) [+ 2^(sink*log2 e - M)])`` in bf16 and the
 natural-log LSE.  One warp per row: lanes stride over partitions for the maximum, then every lane
 accumulates 16 of the 512 dims over the partitions.
+
+``out_dtype="f8e4m3"`` fuses the activation quantisation that feeds ``fp8_gemm`` (the decode branch's
+``@ w_uv``): instead of bf16 the kernel writes fp8 e4m3 codes and one float32 scale per 1 x 128 block,
+exactly as ``act_quant_fp8`` would quantise the bf16 output (the row is rounded to bf16 first, then
+``scale = max(amax, 1e-12) / 448``, ``q = cast(clamp(y * (1 / scale)))``).  A 128-element block is one
+4-element vector of each of the 32 lanes, so its amax is one warp reduction.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from ...abi import ArgLayout, Sym, TensorArg
 from ..base import Family, Param, Problem
 
 DV = 512
+QBLOCK = 128          # elements per fp8 scale of the quantised output
 
 
 class MLACombine(Family):
@@ -25,8 +32,10 @@ class MLACombine(Family):
         Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence"),
         Param("attn_sink", False, doc="per-head sink logit added to the denominator"),
         Param("warps", 4, choices=(1, 2, 4, 8), doc="rows (warps) per CTA"),
+        Param("out_dtype", "bf16", choices=("bf16", "f8e4m3"),
+              doc="f8e4m3: write fp8 codes + 1x128 scales (the act_quant_fp8 recipe) instead of bf16"),
     )
-    shape_params = ("num_heads", "q_len", "attn_sink")
+    shape_params = ("num_heads", "q_len", "attn_sink", "out_dtype")
     bucket_dims = ("B", "NPART")
 
     def layout(self, p) -> ArgLayout:
@@ -39,7 +48,10 @@ class MLACombine(Family):
             Sym("sxb", 64, 1, "lse_part batch stride"),
             Sym("sor", 64, 4, "out row stride"), Sym("sob", 64, 4, "out batch stride"),
             Sym("slr", 64, 1, "lse row stride"), Sym("slb", 64, 1, "lse batch stride"),
+            Sym("ssr", 64, 1, "out_scales row stride"), Sym("ssk", 64, 1, "out_scales block stride"),
+            Sym("ssb", 64, 1, "out_scales batch stride"),
         ]}
+        fp8 = p["out_dtype"] == "f8e4m3"
         args = [
             TensorArg("o_part", "f32", (R, DV, "NPART", "B"), ("spr", 1, "spp", "spb"), 16, "in"),
             TensorArg("lse_part", "f32", (R, "NPART", "B"), ("sxr", "sxp", "sxb"), 4, "in"),
@@ -47,9 +59,12 @@ class MLACombine(Family):
         if p["attn_sink"]:
             args.append(TensorArg("attn_sink", "f32", (p["num_heads"],), (1,), 4, "in"))
         args += [
-            TensorArg("out", "bf16", (R, DV, "B"), ("sor", 1, "sob"), 8, "out"),
+            TensorArg("out", p["out_dtype"], (R, DV, "B"), ("sor", 1, "sob"), 4 if fp8 else 8, "out"),
             TensorArg("lse", "f32", (R, "B"), ("slr", "slb"), 4, "out"),
         ]
+        if fp8:
+            args.append(TensorArg("out_scales", "f32", (R, DV // QBLOCK, "B"), ("ssr", "ssk", "ssb"), 4, "out",
+                                  "float32 scale per 1 x 128 block of out"))
         return ArgLayout(syms, args)
 
     def block(self, p):
@@ -59,16 +74,17 @@ class MLACombine(Family):
         R = p["num_heads"] * p["q_len"]
         return (-(-R // p["warps"]), dims["B"], 1)
 
-    def template_context(self, p, arch):
-        return dict(p)
-
     def kernel_name(self, p):
         return (f"mla_combine_h{p['num_heads']}_q{p['q_len']}" + ("_sink" if p["attn_sink"] else "")
-                + f"_w{p['warps']}")
+                + ("_fp8out" if p["out_dtype"] == "f8e4m3" else "") + f"_w{p['warps']}")
+
+    def template_context(self, p, arch):
+        return dict(p, fp8_out=p["out_dtype"] == "f8e4m3", qblock=QBLOCK)
 
     def bytes_moved(self, p, dims):
         R = p["num_heads"] * p["q_len"]
-        return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + DV * 2 + 4)
+        out = DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)
+        return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + out + 4)
 
     def make_problem(self, p, dims, rng) -> Problem:
         """Random partials; some partitions empty (lse -inf, o_part NaN: an empty partition's values must
@@ -105,7 +121,12 @@ class MLACombine(Family):
         with np.errstate(divide="ignore", invalid="ignore"):
             out = np.where(den[..., None] > 0, num / den[..., None], 0.0)
             lse = (mu + np.log2(den)) * np.log(2.0)
-        return {"out": out, "lse": lse}
+        res = {"out": out, "lse": lse}
+        if p["out_dtype"] == "f8e4m3":     # the codes act_quant_fp8 makes of the bf16-rounded output
+            from ...numerics import quantize_fp8_rows, round_to
+            res["out_q"], res["out_scales"] = quantize_fp8_rows(round_to(out, "bf16"), QBLOCK)
+        return res
+
 
 
 family = MLACombine()

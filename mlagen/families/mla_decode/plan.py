@@ -53,9 +53,23 @@ def default_partitions(p: dict, batch: int, max_len: int, sms: int) -> int:
     return int(max(1, min(want, tiles // 2, 256)))
 
 
+def pick_kernels(root, family: str, want: dict, table=None):
+    """A Dispatcher over the ``family`` bundles under ``root`` whose parameters agree with ``want``
+    (names a family lacks are ignored), or None."""
+    ks = [runtime.Kernel(b) for b in runtime.find_bundles(root, family)]
+    ks = [k for k in ks if all(k.params.get(n, v) == v for n, v in want.items())]
+    return runtime.Dispatcher(ks, table) if ks else None
+
+
+def _first(k):
+    """A kernel of a Kernel-or-Dispatcher (its shape parameters are every candidate's)."""
+    return k.kernels[0] if isinstance(k, runtime.Dispatcher) else k
+
+
 class BoundMLADecode:
-    def __init__(self, launches, out, lse, num_partitions):
+    def __init__(self, launches, out, lse, num_partitions, out_scales=None):
         self.launches, self.out, self.lse, self.num_partitions = launches, out, lse, num_partitions
+        self.out_scales = out_scales
 
     def launch(self) -> None:
         for b in self.launches:
@@ -68,18 +82,14 @@ class MLADecode:
         self.combine = combine        # ... of mla_combine (None: only one partition is ever used)
 
     @classmethod
-    def from_dir(cls, root, table_path: str | None = None, **shape) -> "MLADecode":
-        """Bundles under ``root`` whose parameters match ``shape`` (e.g. num_heads=16, page_size=64)."""
+    def from_dir(cls, root, table_path: str | None = None, out_dtype: str = "bf16", **shape) -> "MLADecode":
+        """Bundles under ``root`` whose parameters match ``shape`` (e.g. num_heads=16, page_size=64);
+        ``out_dtype="f8e4m3"`` takes the combine bundles that quantise their output."""
         table = json.loads(Path(table_path).read_text()) if table_path else None
-
-        def pick(fam):
-            ks = [runtime.Kernel(b) for b in runtime.find_bundles(root, fam)]
-            ks = [k for k in ks if all(k.params.get(n, v) == v for n, v in shape.items())]
-            return runtime.Dispatcher(ks, table) if ks else None
-        dec = pick("mla_decode")
+        dec = pick_kernels(root, "mla_decode", shape, table)
         if dec is None:
             raise FileNotFoundError(f"no mla_decode bundle under {root} matches {shape}")
-        return cls(dec, pick("mla_combine"))
+        return cls(dec, pick_kernels(root, "mla_combine", dict(shape, out_dtype=out_dtype), table))
 
     # ---- views in the kernels' orders ----
     @staticmethod
@@ -95,19 +105,27 @@ class MLADecode:
 
     def bind(self, q, kv_cache, page_table, kv_lengths, *, layer_idx: int = 0, softmax_scale: float | None = None,
              kv_scales=None, indices=None, topk_lengths=None, attn_sink=None, num_partitions: int | None = None,
-             out=None, lse=None, max_len: int | None = None, stream: Any = None,
-             check_contents: bool = True) -> BoundMLADecode:
+             out=None, lse=None, out_scales=None, kv_len_offset: int = 0, max_len: int | None = None,
+             stream: Any = None, check_contents: bool = True) -> BoundMLADecode:
+        """``kv_len_offset`` is added to every length (q_len when ``kv_lengths`` counts only the tokens
+        cached before this step).  With an fp8-output combine bundle (``out_dtype=f8e4m3``, at least two
+        partitions) ``out`` is fp8 e4m3 and ``out_scales`` [B, q_len, H, 4] float32 holds its 1 x 128 scales."""
         import torch
         if q.dim() != 4:
             raise ArgumentError(f"mla_decode: q must be [B, q_len, H, 576]; got shape {tuple(q.shape)}")
         if kv_cache.dim() != 5:
             raise ArgumentError(f"mla_decode: kv_cache must be [L, pages, page_size, 1, 576]; got {tuple(kv_cache.shape)}")
         B, ql, h, _ = q.shape
+        fp8_out = self.combine is not None and _first(self.combine).params.get("out_dtype", "bf16") == "f8e4m3"
         if out is None:
-            out = torch.empty((B, ql, h, DV), dtype=torch.bfloat16, device=q.device)
+            out = torch.empty((B, ql, h, DV), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16,
+                              device=q.device)
+        if fp8_out and out_scales is None:
+            out_scales = torch.empty((B, ql, h, DV // 128), dtype=torch.float32, device=q.device)
         if lse is None:
             lse = torch.empty((B, ql, h), dtype=torch.float32, device=q.device)
-        args = dict(page_table=page_table, kv_lengths=kv_lengths, layer_idx=int(layer_idx))
+        args = dict(page_table=page_table, kv_lengths=kv_lengths, layer_idx=int(layer_idx),
+                    kv_len_offset=int(kv_len_offset))
         if softmax_scale is not None:
             args["softmax_scale"] = float(softmax_scale)
         if indices is not None:
@@ -118,7 +136,7 @@ class MLADecode:
             args["kv_scales"] = kv_scales.reshape(kv_scales.shape[0], -1, kv_scales.shape[-1]).permute(1, 2, 0)
         dec = self.decode
         # the views depend only on shape parameters, which every candidate of the dispatcher shares
-        p = dec.kernels[0].params if isinstance(dec, runtime.Dispatcher) else dec.params
+        p = _first(dec).params
         qv, kv, ov, lv = self.views(p, q, kv_cache, out, lse)
         dummy_o = torch.empty((DV,), dtype=torch.float32, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
         dummy_l = torch.empty((1,), dtype=torch.float32, device=q.device).as_strided((ql * h, 1, B), (0, 0, 0))
@@ -131,12 +149,15 @@ class MLADecode:
         if p["attn_sink"] != (attn_sink is not None):
             raise ArgumentError("mla_decode: pass attn_sink exactly when the bundle has a sink")
         if num_partitions is None:
-            if max_len is None:
-                max_len = int(kv_lengths.max().item()) if B else 0      # synchronises; pass max_len to avoid
+            if max_len is None:                                          # synchronises; pass max_len to avoid
+                max_len = int(kv_lengths.max().item()) + int(kv_len_offset) if B else 0
             num_partitions = default_partitions(p, B, max_len, sm_count(q.device.index or 0))
         num_partitions = int(num_partitions)
         if num_partitions < 1:
             raise ArgumentError(f"mla_decode: num_partitions={num_partitions} must be >= 1")
+        if fp8_out and num_partitions == 1:
+            raise ArgumentError("mla_decode: an fp8-output combine needs num_partitions >= 2 (with one partition "
+                                "the decode kernel writes bf16 itself; use a bf16 combine and quantise after)")
         launches = []
         if num_partitions == 1:
             launches.append(k.bind(stream=stream, check_contents=check_contents,
@@ -151,11 +172,13 @@ class MLADecode:
             launches.append(k.bind(stream=stream, check_contents=check_contents,
                                    **dict(call, o_part=opv, lse_part=lpv)))
             cargs = dict(o_part=opv, lse_part=lpv, out=ov, lse=lv)
+            if fp8_out:
+                cargs["out_scales"] = out_scales.reshape(B, ql * h, DV // 128).permute(1, 2, 0)
             if attn_sink is not None:
                 cargs["attn_sink"] = attn_sink
             comb = self.combine.select(cargs) if isinstance(self.combine, runtime.Dispatcher) else self.combine
             launches.append(comb.bind(stream=stream, check_contents=False, **cargs))
-        return BoundMLADecode(launches, out, lse, num_partitions)
+        return BoundMLADecode(launches, out, lse, num_partitions, out_scales)
 
     def __call__(self, *args, **kwargs):
         b = self.bind(*args, **kwargs)
@@ -285,8 +308,8 @@ def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_t
                     log(f"torch baseline out of memory at {shape}")
                     torch.cuda.empty_cache()
             for k in group:
-                comb = next((c for c in combs if all(c.params[n] == k.params[n]
-                                                     for n in ("num_heads", "q_len", "attn_sink"))), None)
+                comb = next((c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and all(
+                    c.params[n] == k.params[n] for n in ("num_heads", "q_len", "attn_sink"))), None)
                 plan = MLADecode(k, comb)
                 for npart in partitions:
                     if npart is not None and npart > 1 and comb is None:
