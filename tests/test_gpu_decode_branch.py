@@ -34,16 +34,40 @@ def _plan(name):
 
 
 def _check(p, x, step, record_property, tag):
+    """Stage by stage, then end to end.
+
+    The branch re-quantises the attention output to fp8 before w_uv, so a perturbation d (relative) of that
+    output, e.g. the decode's bf16 P, flips a fraction ~ d / u of the fp8 codes (u ~ 2^-4, the e4m3
+    step), for an error ~ sqrt(d * u) ~ 1e-2 at the end, whoever computes it.  So the tight checks are
+    per stage (each against float64 of the stage's own inputs as the plan stored them), and the end to
+    end one bounds the sum."""
+    from mlagen.families.fp8_gemm import _dequant
     ref = reference(p, x)
+    T, H = step.out.shape[:2]
     got = to_numpy(step.out, "bf16").astype(np.float64)
     assert np.all(np.isfinite(got)), f"{tag}: NaN / unwritten elements in out"
-    e = rel_err(got, ref["out"])
+    # 1. q for the decode: w_uk projection (into the concat buffer) and rope columns
     eq = rel_err(to_numpy(step.buffers["q_full"], "bf16").astype(np.float64), ref["q_full"])
-    record_property(f"rel_err{tag}", e)
-    record_property(f"q_full_rel_err{tag}", eq)
+    # 2. the attention output the plan quantised (decode + combine), dequantised
+    o8 = to_numpy(step.buffers["o8"], "f8e4m3").astype(np.float64)
+    os_ = to_numpy(step.buffers["o_s"], "f32").astype(np.float64)
+    od = (o8.reshape(T, H, 4, 128) * os_[..., None]).reshape(T, H, 512)
+    eo = rel_err(od, ref["o"])
+    # 3. w_uv of exactly those codes
+    w_uv = _dequant(x["w_uv_nk"], x["w_uv_scale_nk"], 128)
+    e3 = rel_err(got, np.einsum("thk,hnk->thn", od, w_uv))
+    e = rel_err(got, ref["out"])
+    if step.buffers["o_bf"] is not None:       # one partition: the decode's bf16 output before act_quant
+        eb = rel_err(to_numpy(step.buffers["o_bf"], "bf16").astype(np.float64), ref["o"])
+        record_property(f"o_bf16_rel_err{tag}", eb)
+        assert eb < 1e-2, f"{tag}: decode output rel err {eb}"
+    for k, v in (("q_full", eq), ("o_fp8", eo), ("w_uv_stage", e3), ("out", e)):
+        record_property(f"{k}_rel_err{tag}", v)
     record_property(f"launches{tag}", len(step.steps))
     assert eq < 1e-2, f"{tag}: decode query (w_uk projection + rope) rel err {eq}"
-    assert e < 1e-2, f"{tag}: out rel err {e}"
+    assert eo < 5e-2, f"{tag}: fp8 attention output (dequantised) rel err {eo} (e4m3 alone gives ~3e-2)"
+    assert e3 < 1e-2, f"{tag}: w_uv projection of the plan's own fp8 codes rel err {e3}"
+    assert e < 3e-2, f"{tag}: end-to-end rel err {e}"
     return ref
 
 
@@ -124,7 +148,7 @@ def test_branch_function_form(rng, record_property, monkeypatch):
     ref = reference(p, x)
     e = rel_err(to_numpy(out, "bf16").astype(np.float64), ref["out"])
     record_property("rel_err", e)
-    assert e < 1e-2
+    assert e < 3e-2          # end to end (see _check for why not 1e-2)
 
 
 def test_branch_rejects_bad_input(rng):
