@@ -140,7 +140,10 @@ class MLADecode:
         qv, kv, ov, lv = self.views(p, q, kv_cache, out, lse)
         dummy_o = torch.empty((DV,), dtype=torch.float32, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
         dummy_l = torch.empty((1,), dtype=torch.float32, device=q.device).as_strided((ql * h, 1, B), (0, 0, 0))
-        call = dict(args, q=qv, kv=kv, out=ov, lse=lv)
+        # an fp8-output combine writes `out`; the decode kernel (several partitions) never does: a bf16 dummy
+        dec_out = (torch.empty((DV,), dtype=torch.bfloat16, device=q.device).as_strided((ql * h, DV, B), (0, 1, 0))
+                   if fp8_out else ov)
+        call = dict(args, q=qv, kv=kv, out=dec_out, lse=lv)
         # choose with a one-partition workspace view (the partition count does not change the choice)
         k = dec.select(dict(call, o_part=dummy_o, lse_part=dummy_l)) if isinstance(dec, runtime.Dispatcher) else dec
         p = k.params
