@@ -560,11 +560,13 @@ class TorchBranch:
         if self.proj == "bmm":
             xd = (x8.float().view(T, H, K // QB, QB) * s[..., None]).view(T, H, K).to(torch.bfloat16)
             return torch.bmm(xd.transpose(0, 1), self.w_uk if which == 0 else self.w_uv).transpose(0, 1)
+        from .families.fp8_gemm import _SCALED_MM_FORM
+        x8h = x8.transpose(0, 1).contiguous()                 # [H, T, K]: each head's A row-major
         outs = []
         for h in range(H):
-            o = _scaled_mm_blockwise(x8[:, h], w[h].t(), s[:, h], ws[h].t(), self._mm_cache[which * H + h])
+            o = _scaled_mm_blockwise(x8h[h], w[h].t(), s[:, h], ws[h].t(), self._mm_cache[which * H + h])
             if o is None:
-                raise RuntimeError("torch._scaled_mm rejects this shape")
+                raise RuntimeError(f"torch._scaled_mm: {_SCALED_MM_FORM[0] if _SCALED_MM_FORM else 'rejected'}")
             outs.append(o)
         return torch.stack(outs, 1)
 

@@ -101,3 +101,5 @@ def test_mla_combine_compiles_vectorised_without_spills(params, tmp_path_factory
     b, m, ptx = _build(tmp_path_factory, "mla_combine", params, "sm_90a")
     _no_spills(m)
     assert "ld.global.v4.f32" in ptx or "ld.global.v4.b32" in ptx, "16-byte loads of the partial outputs"
+    if m["params"]["out_dtype"] == "f8e4m3":     # the fused 1x128 quantisation: fp8 conversion + warp amax
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "shfl.sync.bfly" in ptx

@@ -67,6 +67,23 @@ class FP8Gemm(Family):
                 errs.append(f"{g}={p[g]} must divide or be a multiple of {t}={p[t]}")
         return errs
 
+    def prefer(self, kernels, dims, sms: int = 132):
+        """Without a tuned entry (rules read off the H100 bench rows): 128x128 tiles for large M; for
+        decode-sized M, 64-row tiles and the widest tile_n that still gives about a wave of CTAs
+        (ctas_per_sm=2 first, then more stages); the plain TMA-epilogue mainloop before the variants."""
+        M, N, L = dims["M"], dims["N"], dims.get("L", 1)
+
+        def key(k):
+            p = k.params
+            variant = (p["overlap"], p["epilogue"] != "tma", not p["scale_prefetch"])
+            if M >= 2048:
+                return (variant, (p["tile_m"], p["tile_n"]) != (128, 128), p["ctas_per_sm"], abs(p["stages"] - 4))
+            ctas = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
+            # tiles with about a wave of CTAs first, widest first; then the rest, narrowest first
+            width = -p["tile_n"] if ctas >= 0.8 * sms else 1000 + p["tile_n"]
+            return (variant, p["tile_m"] != 64, width, -p["ctas_per_sm"], -p["stages"])
+        return min(kernels, key=key)
+
     def regs(self, p) -> tuple[int, int]:
         """setmaxnreg targets (producer, consumer) that fit the registers the CTA is launched with.
 

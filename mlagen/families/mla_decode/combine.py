@@ -3,8 +3,8 @@
 ``o_part[r, :, p, b]`` is partition p's output normalised by its own softmax sum and
 ``lse_part[r, p, b]`` its log2-sum-exp (-inf for an empty partition).  The result is
 ``out = sum_p 2^(lse_p - M) o_p / (sum_p 2^(lse_p - M) [+ 2^(sink*log2 e - M)])`` in bf16 and the
-natural-log LSE.  One warp per row: lanes stride over partitions for the maximum, then every lane
-accumulates 16 of the 512 dims over the partitions.
+natural-log LSE.  ``col_splits`` warps per row: each finds the largest partial LSE (lanes stride over
+partitions), then every lane accumulates 16 / col_splits of the 512 dims over the partitions.
 
 ``out_dtype="f8e4m3"`` fuses the activation quantisation that feeds ``fp8_gemm`` (the decode branch's
 ``@ w_uv``): instead of bf16 the kernel writes fp8 e4m3 codes and one float32 scale per 1 x 128 block,
@@ -31,7 +31,9 @@ class MLACombine(Family):
         Param("num_heads", 128, choices=(16, 32, 64, 128), doc="query heads"),
         Param("q_len", 1, choices=(1, 2, 3, 4), doc="queries per sequence"),
         Param("attn_sink", False, doc="per-head sink logit added to the denominator"),
-        Param("warps", 4, choices=(1, 2, 4, 8), doc="rows (warps) per CTA"),
+        Param("warps", 4, choices=(1, 2, 4, 8), doc="warps per CTA"),
+        Param("col_splits", 4, choices=(1, 2, 4), doc="warps per row, each merging 512 / col_splits columns "
+                                                      "(4: four times the parallelism for small batches)"),
         Param("out_dtype", "bf16", choices=("bf16", "f8e4m3"),
               doc="f8e4m3: write fp8 codes + 1x128 scales (the act_quant_fp8 recipe) instead of bf16"),
     )
@@ -72,11 +74,12 @@ class MLACombine(Family):
 
     def grid(self, p, dims):
         R = p["num_heads"] * p["q_len"]
-        return (-(-R // p["warps"]), dims["B"], 1)
+        return (-(-R * p["col_splits"] // p["warps"]), dims["B"], 1)
 
     def kernel_name(self, p):
         return (f"mla_combine_h{p['num_heads']}_q{p['q_len']}" + ("_sink" if p["attn_sink"] else "")
-                + ("_fp8out" if p["out_dtype"] == "f8e4m3" else "") + f"_w{p['warps']}")
+                + ("_fp8out" if p["out_dtype"] == "f8e4m3" else "") + f"_w{p['warps']}"
+                + (f"_cs{p['col_splits']}" if p["col_splits"] != 1 else ""))
 
     def template_context(self, p, arch):
         return dict(p, fp8_out=p["out_dtype"] == "f8e4m3", qblock=QBLOCK)
