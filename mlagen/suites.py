@@ -59,7 +59,7 @@ TEST["mla_decode"] = [
 TEST["mla_combine"] = [
     {"num_heads": h, "q_len": q, "attn_sink": s, "out_dtype": o} for h, q, s in sorted(
         {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})
-    for o in ("bf16", "f8e4m3")] + [{"num_heads": 16, "col_splits": 1}, {"num_heads": 128, "col_splits": 2,
+    for o in ("bf16", "f8e4m3")] + [{"num_heads": 16, "col_splits": 1, "part_unroll": 1}, {"num_heads": 128, "col_splits": 2,
                                                                     "out_dtype": "f8e4m3", "warps": 8}]
 
 # the decode branch (tests/test_gpu_decode_branch.py) composes bundles of the lists above; these rope

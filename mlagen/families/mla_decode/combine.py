@@ -34,6 +34,7 @@ class MLACombine(Family):
         Param("warps", 4, choices=(1, 2, 4, 8), doc="warps per CTA"),
         Param("col_splits", 4, choices=(1, 2, 4), doc="warps per row, each merging 512 / col_splits columns "
                                                       "(4: four times the parallelism for small batches)"),
+        Param("part_unroll", 4, choices=(1, 2, 4, 8), doc="partitions whose loads are issued together"),
         Param("out_dtype", "bf16", choices=("bf16", "f8e4m3"),
               doc="f8e4m3: write fp8 codes + 1x128 scales (the act_quant_fp8 recipe) instead of bf16"),
     )
@@ -79,7 +80,7 @@ class MLACombine(Family):
     def kernel_name(self, p):
         return (f"mla_combine_h{p['num_heads']}_q{p['q_len']}" + ("_sink" if p["attn_sink"] else "")
                 + ("_fp8out" if p["out_dtype"] == "f8e4m3" else "") + f"_w{p['warps']}"
-                + (f"_cs{p['col_splits']}" if p["col_splits"] != 1 else ""))
+                + (f"_cs{p['col_splits']}" if p["col_splits"] != 1 else "") + f"_u{p['part_unroll']}")
 
     def template_context(self, p, arch):
         return dict(p, fp8_out=p["out_dtype"] == "f8e4m3", qblock=QBLOCK)

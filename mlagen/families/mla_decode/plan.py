@@ -50,7 +50,7 @@ def default_partitions(p: dict, batch: int, max_len: int, sms: int) -> int:
     n = max(1, max_len if not p["sparse"] else min(max_len, p["topk"]))
     tiles = -(-n // p["tile_n"])
     want = max(1, sms // max(1, row_blocks * batch))
-    return int(max(1, min(want, tiles // 2, 256)))
+    return int(max(1, min(want, tiles // 2, 64)))     # beyond 64 the combine's reads cost more than they save
 
 
 def pick_kernels(root, family: str, want: dict, table=None):
