@@ -532,6 +532,9 @@ def export(results_dir: str = "results", out: str | os.PathLike = "dispatch.json
     df = pd.concat(frames, ignore_index=True)
     df["time_us"] = pd.to_numeric(df["time_us"], errors="coerce")
     df = df[df["time_us"].notna() & df["kernel"].notna() & (df["kernel"].astype(str) != "")]
+    # only kernel families dispatch (the decode branch's rows are a composition of several launches)
+    known = {f.name for f in families.all_families()}
+    df = df[df["family"].isin(known)]
     # tuning rows name bundle folders (<kernel>.<arch>); the Dispatcher matches Kernel.name
     df = df.assign(device=df["device"].fillna("").astype(str), kernel=df["kernel"].map(_kernel_name))
     df["bucket"] = [families.get(f).table_key(json.loads(p), json.loads(d))

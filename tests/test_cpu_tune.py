@@ -520,6 +520,15 @@ def test_export_from_bench_only_and_from_nothing(tmp_path):
     assert table == {"qk_rmsnorm": {DEVICE: {QK.table_key(QK_P, {"M": 64}): {"kernel": QK_A, "time_us": 9.0}}}}
 
 
+def test_export_skips_composition_rows(tmp_path):
+    """Rows of the decode branch (a composition, not a dispatchable family) do not break the export."""
+    results = tmp_path / "results"
+    branch = dict(_bench_row(QK_P, "mlagen", {"B": 1, "C": 8}, 3.0), family="mla_decode_branch")
+    report.append_rows([_bench_row(QK_P, QK_A, {"M": 64}, 9.0), branch], "bench", results)
+    table = tune.export(str(results), tmp_path / "d.json")
+    assert list(table) == ["qk_rmsnorm"]
+
+
 def test_cli_export(tmp_path, capsys):
     results, out = tmp_path / "results", tmp_path / "dispatch.json"
     _export_fixture(results)
