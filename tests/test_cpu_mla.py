@@ -115,7 +115,7 @@ def test_default_partitions():
     p = DEC.validate({"num_heads": 16})
     assert default_partitions(p, 64, 32768, 132) == 2
     assert default_partitions(p, 128, 32768, 132) == 1
-    assert default_partitions(p, 1, 32768, 132) == 132
+    assert default_partitions(p, 1, 32768, 132) == 64        # capped: the combine of more costs more
     assert default_partitions(p, 1, 100, 132) == 1          # two tiles at least per partition
     p128 = DEC.validate({"num_heads": 128})
     assert default_partitions(p128, 64, 4096, 132) == 1     # 128 CTAs already
