@@ -60,9 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from . import families, runtime
+from . import families
 from .abi import ArgumentError
-from .families.mla_decode.plan import MLADecode, default_partitions, pick_kernels, sm_count
+from .families.mla_decode.plan import MLADecode, default_partitions, first_kernel, pick, pick_kernels, sm_count
 
 NOPE, ROPE, LAT, VDIM = 128, 64, 512, 128       # DeepSeek-V3 head dims: q_nope, rope, kv_lora_rank, v_head
 D = LAT + ROPE
@@ -162,7 +162,7 @@ class MLADecodeBranch:
         self.decode_fp8 = MLADecode(found["mla_decode"], comb_fp8) if comb_fp8 is not None else None
 
     def partitions(self, batch: int, max_len: int, device: int = 0) -> int:
-        p = runtime_params(self.decode_bf16.decode)
+        p = first_kernel(self.decode_bf16.decode).params
         return default_partitions(p, batch, max_len, sm_count(device))
 
     def bind(self, q, kv_input, input_row_offsets, freqs_cis, kv_norm_gamma, cache: PagedLatentCache, layer_idx: int,
@@ -215,23 +215,18 @@ class MLADecodeBranch:
         steps = []
 
         # 1. rope + rmsnorm + quant into the cache; q_rope' into q_full's rope columns
-        rope_args = dict(input_row_offsets=input_row_offsets, q_rope=q[:, :, NOPE:], q_rope_out=q_full[:, :, LAT:],
-                         kv_input=kv_input, freqs_cis=freqs_cis, gamma=kv_norm_gamma, kv_cache=cache.kv_cache,
-                         page_table=cache.page_table, cache_lengths=cache.cache_lengths, layer_idx=int(layer_idx),
-                         eps=float(eps))
-        if cache.kv_scales is not None:
-            rope_args["kv_scales"] = cache.kv_scales
-        steps.append(("rope_rmsnorm_quant", _pick(self.rope, rope_args).bind(**kw, **rope_args)))
+        ra = rope_args(q, q_full, kv_input, input_row_offsets, freqs_cis, kv_norm_gamma, cache, layer_idx, eps)
+        steps.append(("rope_rmsnorm_quant", pick(self.rope, ra).bind(**kw, **ra)))
 
         # 2. q_nope -> fp8 (1 x 128)
         qa = dict(x=qrows[:, :NOPE], q=qn8.view(T * H, NOPE), scales=qn_s.view(T * H, 1))
-        steps.append(("act_quant_fp8(q_nope)", _pick(self.quant, qa).bind(**kw, **qa)))
+        steps.append(("act_quant_fp8(q_nope)", pick(self.quant, qa).bind(**kw, **qa)))
 
         # 3. q_nope @ w_uk -> q_full[:, :, :512] (bf16, TMA store into the concat buffer)
         fam = families.get("fp8_gemm")
         g1, _ = fam.torch_args(qn8.transpose(0, 1), w_uk.transpose(1, 2), qn_s.transpose(0, 1),
                                w_uk_scale.transpose(1, 2), q_full[:, :, :LAT].transpose(0, 1))
-        steps.append(("fp8_gemm(w_uk)", _pick(self.gemm, g1).bind(**kw, **g1)))
+        steps.append(("fp8_gemm(w_uk)", pick(self.gemm, g1).bind(**kw, **g1)))
 
         # 4./5. split-KV decode (+ combine, quantising when it can)
         if num_partitions is None:
@@ -254,12 +249,12 @@ class MLADecodeBranch:
         steps += list(zip(names, bd.launches))
         if not fused:                             # 6. bf16 attention output -> fp8 (1 x 128)
             oa = dict(x=o_bf.view(T * H, LAT), q=o8.view(T * H, LAT), scales=o_s.view(T * H, LAT // QB))
-            steps.append(("act_quant_fp8(o)", _pick(self.quant, oa).bind(**kw, **oa)))
+            steps.append(("act_quant_fp8(o)", pick(self.quant, oa).bind(**kw, **oa)))
 
         # 7. o @ w_uv -> out
         g2, _ = fam.torch_args(o8.transpose(0, 1), w_uv.transpose(1, 2), o_s.transpose(0, 1),
                                w_uv_scale.transpose(1, 2), out.transpose(0, 1))
-        steps.append(("fp8_gemm(w_uv)", _pick(self.gemm, g2).bind(**kw, **g2)))
+        steps.append(("fp8_gemm(w_uv)", pick(self.gemm, g2).bind(**kw, **g2)))
         bufs = dict(q_full=q_full, qn8=qn8, qn_s=qn_s, o8=o8, o_s=o_s, lse=lse, o_bf=o_bf)
         return BoundBranch(steps, out, bufs, num_partitions)
 
@@ -269,12 +264,29 @@ class MLADecodeBranch:
         return b.out
 
 
-def runtime_params(k) -> dict:
-    return (k.kernels[0] if isinstance(k, runtime.Dispatcher) else k).params
+def family_params(p: dict) -> tuple[dict, dict]:
+    """The rope_rmsnorm_quant and mla_decode parameters of a branch's shape parameters (for the
+    references and the torch composition; the tile choices do not matter there)."""
+    rope = families.get("rope_rmsnorm_quant").validate(dict(
+        num_heads=p["num_heads"], page_size=p["page_size"], cache_dtype=p["cache_dtype"],
+        quant_granularity=p.get("quant_granularity", 64), rope_layout=p.get("rope_layout", "interleaved"),
+        gamma_dtype=p.get("gamma_dtype", "bf16")))
+    dec = families.get("mla_decode").validate(dict(
+        num_heads=p["num_heads"], q_len=p["q_len"], page_size=p["page_size"], cache_dtype=p["cache_dtype"],
+        quant_granularity=p.get("quant_granularity", 64), sparse=p["sparse"], topk=p.get("topk", 2048),
+        attn_sink=p["attn_sink"], tile_n=32, stages=3))
+    return rope, dec
 
 
-def _pick(k, args):
-    return k.select(args) if isinstance(k, runtime.Dispatcher) else k
+def rope_args(q, q_full, kv_input, input_row_offsets, freqs_cis, kv_norm_gamma, cache: PagedLatentCache,
+              layer_idx: int, eps: float) -> dict:
+    """rope_rmsnorm_quant's arguments for a branch step: q_rope' goes into q_full's rope columns."""
+    a = dict(input_row_offsets=input_row_offsets, q_rope=q[:, :, NOPE:], q_rope_out=q_full[:, :, LAT:],
+             kv_input=kv_input, freqs_cis=freqs_cis, gamma=kv_norm_gamma, kv_cache=cache.kv_cache,
+             page_table=cache.page_table, cache_lengths=cache.cache_lengths, layer_idx=int(layer_idx), eps=float(eps))
+    if cache.kv_scales is not None:
+        a["kv_scales"] = cache.kv_scales
+    return a
 
 
 def _rows(q, name):
@@ -333,6 +345,7 @@ def make_problem(p: dict, B: int, C: int, rng: np.random.Generator, layers: int 
     from .families.fp8_gemm import _quantize_blocks
     from .families.mla_decode import quantize_rows
     from .families.base import random_page_table
+    from .families.rope_rmsnorm_quant import rope_freqs
     from .numerics import round_to
     H, ql, ps = p["num_heads"], p["q_len"], p["page_size"]
     T = B * ql
@@ -350,9 +363,7 @@ def make_problem(p: dict, B: int, C: int, rng: np.random.Generator, layers: int 
     else:
         cache = round_to(cache, "bf16")
     P = int(end.max()) + 3
-    inv = 1.0 / (10000.0 ** (np.arange(0, ROPE, 2) / ROPE))
-    ang = np.arange(P)[:, None] * inv[None, :]
-    freqs = np.stack([np.cos(ang), np.sin(ang)], axis=-1).reshape(P, ROPE).astype(np.float32)
+    freqs = rope_freqs(P, ROPE)
     w_uk, w_uk_s = _quantize_blocks(rng.standard_normal((H, LAT, NOPE)).astype(np.float32) * 0.05, QB)
     w_uv, w_uv_s = _quantize_blocks(rng.standard_normal((H, VDIM, LAT)).astype(np.float32) * 0.05, QB)
     x = dict(q=round_to(rng.standard_normal((T, H, NOPE + ROPE)), "bf16"),
@@ -391,9 +402,7 @@ def reference(p: dict, x: dict) -> dict:
     H, ql = p["num_heads"], p["q_len"]
     T = x["q"].shape[0]
     B = T // ql
-    rp = rope.validate(dict(num_heads=H, page_size=p["page_size"], cache_dtype=p["cache_dtype"],
-                            quant_granularity=p.get("quant_granularity", 64), rope_layout=p.get("rope_layout", "interleaved"),
-                            gamma_dtype=p.get("gamma_dtype", "bf16")))
+    rp, dp = family_params(p)
     rin = dict(input_row_offsets=x["input_row_offsets"], q_rope=x["q"][:, :, NOPE:], kv_input=x["kv_input"],
                freqs_cis=x["freqs_cis"], gamma=x["kv_norm_gamma"], page_table=x["page_table"],
                cache_lengths=x["cache_lengths"], eps=x["eps"])
@@ -413,9 +422,6 @@ def reference(p: dict, x: dict) -> dict:
     qn = qn8.astype(np.float64) * qn_s.astype(np.float64)        # [T, H, 128]
     q_lat = np.einsum("thk,hnk->thn", qn, w_uk)
     q_full = np.concatenate([round_to(q_lat, "bf16"), round_to(r["q_rope_out"], "bf16")], axis=-1)
-    dp = dec.validate(dict(num_heads=H, q_len=ql, page_size=p["page_size"], cache_dtype=p["cache_dtype"],
-                           quant_granularity=p.get("quant_granularity", 64), sparse=p["sparse"],
-                           topk=p.get("topk", 2048), attn_sink=p["attn_sink"], tile_n=32, stages=3))
     din = dict(q=q_full.reshape(B, ql, H, D), kv_cache=cache, page_table=x["page_table"],
                kv_lengths=x["cache_lengths"], kv_len_offset=ql, layer_idx=L, softmax_scale=x["scale"])
     if scales is not None:
@@ -494,16 +500,15 @@ def torch_problem(p: dict, B: int, C: int, seed: int = 0):
     """A decode step built on the GPU: sequences of C tokens after this step (C - q_len cached before)."""
     import torch
     from .families.mla_decode.plan import torch_problem as decode_problem
-    dp = dict(p, sparse=p["sparse"], topk=p.get("topk", 2048), quant_granularity=p.get("quant_granularity", 64))
+    from .families.rope_rmsnorm_quant import rope_freqs
+    dp = dict(p, topk=p.get("topk", 2048), quant_granularity=p.get("quant_granularity", 64))
     t, kw = decode_problem(dp, B, C, seed=seed)
     H, ql = p["num_heads"], p["q_len"]
     T = B * ql
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     cache = PagedLatentCache(t["kv_cache"], t["page_table"], (t["kv_lengths"] - ql).contiguous(), kw.get("kv_scales"))
     P = C + 1
-    inv = 1.0 / (10000.0 ** (torch.arange(0, ROPE, 2, device="cuda", dtype=torch.float64) / ROPE))
-    ang = torch.arange(P, device="cuda", dtype=torch.float64)[:, None] * inv[None, :]
-    freqs = torch.stack([ang.cos(), ang.sin()], -1).reshape(P, ROPE).float()
+    freqs = torch.from_numpy(rope_freqs(P, ROPE)).cuda()
 
     def weight(h, n, k):
         w = torch.randn((h, n, k), generator=g, device="cuda") * 0.05
@@ -537,13 +542,7 @@ class TorchBranch:
         q, _, _, _, _, cache, _, _, _, w_uk, w_uk_s, w_uv, w_uv_s = args
         T, H = q.shape[:2]
         self.q_full = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
-        self.rope_p = families.get("rope_rmsnorm_quant").validate(dict(
-            num_heads=H, page_size=p["page_size"], cache_dtype=p["cache_dtype"],
-            quant_granularity=p.get("quant_granularity", 64), rope_layout=p.get("rope_layout", "interleaved")))
-        self.dec_p = families.get("mla_decode").validate(dict(
-            num_heads=H, q_len=p["q_len"], page_size=p["page_size"], cache_dtype=p["cache_dtype"],
-            quant_granularity=p.get("quant_granularity", 64), sparse=p["sparse"], topk=p.get("topk", 2048),
-            attn_sink=p["attn_sink"], tile_n=32, stages=3))        # shape parameters only (tiles do not matter)
+        self.rope_p, self.dec_p = family_params(p)
         if proj == "bmm":
             self.w_uk = _dequant_torch(w_uk, w_uk_s).to(torch.bfloat16)        # [H, 128, 512]
             self.w_uv = _dequant_torch(w_uv, w_uv_s).to(torch.bfloat16)        # [H, 512, 128]
@@ -554,9 +553,10 @@ class TorchBranch:
         import torch
         from .families.fp8_gemm import _scaled_mm_blockwise
         T, H, K = x.shape
-        blk = x.float().view(T, H, K // QB, QB)
-        s = blk.abs().amax(-1).clamp_min(1e-12) / 448.0
-        x8 = (blk * (1.0 / s)[..., None]).clamp(-448.0, 448.0).view(T, H, K).to(torch.float8_e4m3fn)
+        t = dict(x=x.reshape(T * H, K), q=torch.empty((T * H, K), dtype=torch.float8_e4m3fn, device=x.device),
+                 scales=torch.empty((T * H, K // QB), dtype=torch.float32, device=x.device))
+        families.get("act_quant_fp8").torch_impl(dict(group=QB), t)          # act_quant_fp8's recipe in torch
+        x8, s = t["q"].view(T, H, K), t["scales"].view(T, H, K // QB)
         if self.proj == "bmm":
             xd = (x8.float().view(T, H, K // QB, QB) * s[..., None]).view(T, H, K).to(torch.bfloat16)
             return torch.bmm(xd.transpose(0, 1), self.w_uk if which == 0 else self.w_uv).transpose(0, 1)
@@ -574,12 +574,8 @@ class TorchBranch:
         from .families.mla_decode.plan import torch_reference
         q, kv_input, off, freqs, gamma, cache, layer, scale, eps, w_uk, w_uk_s, w_uv, w_uv_s = self.args
         p = self.p
-        t = dict(input_row_offsets=off, q_rope=q[:, :, NOPE:], q_rope_out=self.q_full[:, :, LAT:], kv_input=kv_input,
-                 freqs_cis=freqs, gamma=gamma, kv_cache=cache.kv_cache, page_table=cache.page_table,
-                 cache_lengths=cache.cache_lengths, layer_idx=layer, eps=eps)
-        if cache.kv_scales is not None:
-            t["kv_scales"] = cache.kv_scales
-        families.get("rope_rmsnorm_quant").torch_impl(self.rope_p, t)
+        families.get("rope_rmsnorm_quant").torch_impl(
+            self.rope_p, rope_args(q, self.q_full, kv_input, off, freqs, gamma, cache, layer, eps))
         self.q_full[:, :, :LAT] = self._project(q[:, :, :NOPE], w_uk, w_uk_s, 0)
         T, H = q.shape[:2]
         B = cache.page_table.shape[0]

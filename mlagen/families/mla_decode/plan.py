@@ -61,9 +61,14 @@ def pick_kernels(root, family: str, want: dict, table=None):
     return runtime.Dispatcher(ks, table) if ks else None
 
 
-def _first(k):
+def first_kernel(k):
     """A kernel of a Kernel-or-Dispatcher (its shape parameters are every candidate's)."""
     return k.kernels[0] if isinstance(k, runtime.Dispatcher) else k
+
+
+def pick(k, args):
+    """The kernel of a Kernel-or-Dispatcher that runs the call ``args``."""
+    return k.select(args) if isinstance(k, runtime.Dispatcher) else k
 
 
 class BoundMLADecode:
@@ -116,7 +121,7 @@ class MLADecode:
         if kv_cache.dim() != 5:
             raise ArgumentError(f"mla_decode: kv_cache must be [L, pages, page_size, 1, 576]; got {tuple(kv_cache.shape)}")
         B, ql, h, _ = q.shape
-        fp8_out = self.combine is not None and _first(self.combine).params.get("out_dtype", "bf16") == "f8e4m3"
+        fp8_out = self.combine is not None and first_kernel(self.combine).params.get("out_dtype", "bf16") == "f8e4m3"
         if out is None:
             out = torch.empty((B, ql, h, DV), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16,
                               device=q.device)
@@ -136,7 +141,7 @@ class MLADecode:
             args["kv_scales"] = kv_scales.reshape(kv_scales.shape[0], -1, kv_scales.shape[-1]).permute(1, 2, 0)
         dec = self.decode
         # the views depend only on shape parameters, which every candidate of the dispatcher shares
-        p = _first(dec).params
+        p = first_kernel(dec).params
         qv, kv, ov, lv = self.views(p, q, kv_cache, out, lse)
         dummy_o = torch.empty((DV,), dtype=torch.float32, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
         dummy_l = torch.empty((1,), dtype=torch.float32, device=q.device).as_strided((ql * h, 1, B), (0, 0, 0))
@@ -145,7 +150,7 @@ class MLADecode:
                    if fp8_out else ov)
         call = dict(args, q=qv, kv=kv, out=dec_out, lse=lv)
         # choose with a one-partition workspace view (the partition count does not change the choice)
-        k = dec.select(dict(call, o_part=dummy_o, lse_part=dummy_l)) if isinstance(dec, runtime.Dispatcher) else dec
+        k = pick(dec, dict(call, o_part=dummy_o, lse_part=dummy_l))
         p = k.params
         if p["sparse"] != (indices is not None):
             raise ArgumentError("mla_decode: pass indices and topk_lengths exactly when the bundle is sparse")
@@ -179,7 +184,7 @@ class MLADecode:
                 cargs["out_scales"] = out_scales.reshape(B, ql * h, DV // 128).permute(1, 2, 0)
             if attn_sink is not None:
                 cargs["attn_sink"] = attn_sink
-            comb = self.combine.select(cargs) if isinstance(self.combine, runtime.Dispatcher) else self.combine
+            comb = pick(self.combine, cargs)
             launches.append(comb.bind(stream=stream, check_contents=False, **cargs))
         return BoundMLADecode(launches, out, lse, num_partitions, out_scales)
 

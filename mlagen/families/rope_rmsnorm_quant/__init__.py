@@ -214,9 +214,7 @@ class RopeRMSNormQuant(Family):
         off = np.concatenate([[0], np.cumsum(seq)]).astype(np.uint32)
         T = int(off[-1])
         P = int(end.max()) + 5
-        inv = 1.0 / (10000.0 ** (np.arange(0, r, 2) / r))
-        ang = np.arange(P)[:, None] * inv[None, :]
-        freqs = np.stack([np.cos(ang), np.sin(ang)], axis=-1).reshape(P, r).astype(np.float32)
+        freqs = rope_freqs(P, r)
         cdt = p["cache_dtype"]
         cache = round_to(rng.standard_normal((L, NP, ps, 1, d)), cdt)
         inputs = dict(
@@ -358,6 +356,13 @@ class RopeRMSNormQuant(Family):
             sc = t["kv_scales"][L, page, slot, 0]
             rows = (rows.view(rows.shape[0], -1, g) * sc[..., None]).view(rows.shape)
         return {"q_rope_out": t["q_rope_out"].float(), "kv_cache_rows": rows}
+
+
+def rope_freqs(positions: int, rope_dim: int, base: float = 10000.0) -> np.ndarray:
+    """freqs_cis [positions, rope_dim] float32: (cos, sin) of pos * base^(-2i / rope_dim) per pair i."""
+    inv = 1.0 / (base ** (np.arange(0, rope_dim, 2) / rope_dim))
+    ang = np.arange(positions)[:, None] * inv[None, :]
+    return np.stack([np.cos(ang), np.sin(ang)], axis=-1).reshape(positions, rope_dim).astype(np.float32)
 
 
 family = RopeRMSNormQuant()
