@@ -274,7 +274,7 @@ def family_params(p: dict) -> tuple[dict, dict]:
     dec = families.get("mla_decode").validate(dict(
         num_heads=p["num_heads"], q_len=p["q_len"], page_size=p["page_size"], cache_dtype=p["cache_dtype"],
         quant_granularity=p.get("quant_granularity", 64), sparse=p["sparse"], topk=p.get("topk", 2048),
-        attn_sink=p["attn_sink"], tile_n=32, stages=3))
+        attn_sink=p["attn_sink"], tile_n=32, stages=2))
     return rope, dec
 
 

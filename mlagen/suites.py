@@ -49,10 +49,11 @@ TEST["mla_decode"] = [
     {"num_heads": 16, "q_len": 2, "sparse": True, "topk": 128, "page_size": 1, "attn_sink": True},
     {"num_heads": 128, "page_size": 1},
     {"num_heads": 32, "page_loads": False, "tile_n": 32, "stages": 3},
-    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "tile_n": 32, "stages": 5},
-    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 128, "q_len": 2, "tile_n": 32, "stages": 4},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "tile_n": 32, "stages": 3},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 128, "q_len": 2, "tile_n": 32, "stages": 3},
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 64, "sparse": True, "topk": 256, "page_size": 32,
-     "tile_n": 32, "stages": 3},
+     "tile_n": 32, "stages": 2},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "q_len": 2, "page_size": 16, "stages": 2},
 ]
 # one combine kernel per (heads, q_len, sink) the decode bundles use, with bf16 output and with the fp8
 # output the decode branch's w_uv GEMM reads
@@ -86,7 +87,7 @@ BENCH = {
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
-        for h in (16, 128) for tn, st in ((32, 3), (32, 5))
+        for h in (16, 128) for tn, st in ((32, 2), (32, 3))
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")],

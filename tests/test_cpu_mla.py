@@ -22,9 +22,13 @@ def test_params_normalise_and_reject():
     assert DEC.validate({"page_size": 128})["page_loads"] is True
     with pytest.raises(ParamError, match="shared memory"):
         DEC.validate({"tile_n": 64, "stages": 3})
-    assert DEC.validate({"tile_n": 32, "stages": 5, "cache_dtype": "f8e4m3"})     # fp8 stages are 5/9 size
-    with pytest.raises(ParamError, match="shared memory"):
-        DEC.validate({"tile_n": 64, "stages": 2, "cache_dtype": "f8e4m3"})
+    # fp8: two dequantised bf16 tiles beside Q, then 5/9-size code stages with their scales
+    assert DEC.validate({"tile_n": 32, "stages": 3, "cache_dtype": "f8e4m3"})
+    f8 = DEC.validate({"cache_dtype": "f8e4m3", "quant_granularity": 8})      # defaults that fit
+    assert (f8["tile_n"], f8["stages"]) == (32, 2)
+    for bad in ({"tile_n": 64, "stages": 2}, {"tile_n": 32, "stages": 4}, {"quant_granularity": 8, "stages": 3}):
+        with pytest.raises(ParamError, match="shared memory"):
+            DEC.validate({"cache_dtype": "f8e4m3", **bad})
     with pytest.raises(ParamError, match="shared memory"):
         DEC.validate({"tile_n": 32, "stages": 6})
     with pytest.raises(ParamError):
@@ -36,7 +40,7 @@ def test_grid_and_layout():
     assert DEC.grid(p, dict(NPART=3, B=5)) == (1, 3, 5)           # 32 rows in one 64-row block
     ps = DEC.validate({"num_heads": 128, "q_len": 2, "sparse": True, "topk": 256})
     assert DEC.grid(ps, dict(NPART=1, B=2)) == (4, 1, 2)           # sparse rows never mix queries
-    lay = DEC.layout(DEC.validate({"cache_dtype": "f8e4m3", "quant_granularity": 576, "tile_n": 32, "stages": 4}))
+    lay = DEC.layout(DEC.validate({"cache_dtype": "f8e4m3", "quant_granularity": 576, "tile_n": 32, "stages": 3}))
     assert lay.arg("kv_scales").shape == ("NS", 1, "L")
     assert lay.arg("tma_kv").swizzle == 0 and DEC.layout(p).arg("tma_kv").swizzle == 128
 

@@ -64,6 +64,11 @@ class MLADecodeFamily(Family):
     bucket_dims = ("B", "C")
 
     def validate(self, given=None, arch="sm_90a"):
+        given = dict(given or {})
+        if given.get("cache_dtype") == "f8e4m3":
+            # an fp8 cache's defaults: two dequantised 64-token tiles do not fit beside Q and the codes
+            given.setdefault("tile_n", 32)
+            given.setdefault("stages", 3 if int(given.get("quant_granularity", 64)) >= 16 else 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
@@ -88,18 +93,24 @@ class MLADecodeFamily(Family):
     def constraints(self, p, arch):
         errs = []
         if self.smem_bytes(p) + 1024 > 232448:
+            per = ("1152 B" if p["cache_dtype"] == "bf16" else
+                   "(644 + 4 x 576/quant_granularity) B, + 2 dequantised tiles x tile_n x 1152 B")
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
-                        "(Q 72 KiB + stages x tile_n x 1152 B)")
+                        f"(Q 72 KiB + stages x tile_n x {per})")
         return errs
 
     def rows_per_box(self, p) -> int:
         return min(p["page_size"], p["tile_n"]) if p["page_loads"] else 8
 
     def smem_bytes(self, p):
-        tile = p["tile_n"] * D
-        # fp8 stages hold 5 x 128-byte boxes per token (TMA destinations must be 128-byte aligned)
-        kv = p["stages"] * tile * 2 if p["cache_dtype"] == "bf16" else tile * 2 + p["stages"] * p["tile_n"] * 640
-        return 1024 + BM * D * 2 + kv + BM * p["tile_n"] * 2
+        tn = p["tile_n"]
+        if p["cache_dtype"] == "bf16":
+            kv = p["stages"] * tn * D * 2
+        else:
+            # two dequantised bf16 tiles, and per stage: the codes in 5 x 128-byte boxes per token (TMA
+            # destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
+            kv = 2 * tn * D * 2 + p["stages"] * tn * (640 + 4 * (D // p["quant_granularity"]) + 4)
+        return 1024 + BM * D * 2 + kv + BM * tn * 2
 
     def smem_carveout(self, p):
         return 100
