@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Launch one mla_decode bundle on a GPU problem, for a profiler (ncu / nsys) to watch.
+
+    ncu --set full -k regex:mla_decode --launch-skip 2 --launch-count 1 -o prof \\
+        python3 scripts/profile_mla_decode.py BUNDLE --B 128 --C 8192
+    python3 scripts/profile_mla_decode.py --stalls prof.ncu-rep      # top stalled SASS lines from the report
+"""
+import argparse
+import csv
+import io
+import subprocess
+import sys
+
+
+def launch(args):
+    import torch
+    from mlagen import runtime
+    from mlagen.families.mla_decode.plan import MLADecode, torch_problem
+    k = runtime.Kernel(args.bundle)
+    t, kw = torch_problem(k.params, args.B, args.C, True)
+    b = MLADecode(k, None).bind(**t, **kw, num_partitions=1, max_len=args.C)
+    for _ in range(args.launches):
+        b.launch()
+    torch.cuda.synchronize()
+    print(f"{args.launches} launches of {k.name} at B={args.B} C={args.C}")
+
+
+def stalls(args):
+    """Per-SASS-line warp-stall samples of an ncu report (source page), the top lines and the totals."""
+    out = subprocess.run(["ncu", "--import", args.stalls, "--page", "source", "--csv", "--print-source", "sass"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = list(csv.DictReader(io.StringIO(out[out.index('"'):])))
+    if not rows:
+        sys.exit("no source rows")
+    keys = list(rows[0].keys())
+    samp = next(k for k in keys if "Sampling (All" in k)
+    src = next(k for k in keys if k.lower() in ("source", "sass"))
+    addr = next((k for k in keys if "Address" in k), None)
+    val = lambda r: float(r[samp] or 0)
+    total = sum(val(r) for r in rows)
+    print(f"{len(rows)} SASS lines, {total:.0f} stall samples; columns: {keys}")
+    for r in sorted(rows, key=val, reverse=True)[:args.top]:
+        print(f"{val(r):8.0f} {100 * val(r) / total:5.1f}%  {r.get(addr, '')}  {r[src]}")
+    # the stall-reason columns summed over all lines
+    reasons = {k: sum(float(r[k] or 0) for r in rows) for k in keys if k.startswith("stall_") or "Stall" in k and k != samp}
+    for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"  {k}: {v:.0f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundle", nargs="?")
+    ap.add_argument("--B", type=int, default=128)
+    ap.add_argument("--C", type=int, default=8192)
+    ap.add_argument("--launches", type=int, default=4)
+    ap.add_argument("--stalls", help="an ncu report: print its most stalled SASS lines")
+    ap.add_argument("--top", type=int, default=60)
+    a = ap.parse_args()
+    stalls(a) if a.stalls else launch(a)
