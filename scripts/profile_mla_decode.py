@@ -32,17 +32,29 @@ def stalls(args):
     rows = list(csv.DictReader(io.StringIO(out[out.index('"'):])))
     if not rows:
         sys.exit("no source rows")
-    keys = list(rows[0].keys())
-    samp = next(k for k in keys if "Sampling (All" in k)
-    src = next(k for k in keys if k.lower() in ("source", "sass"))
+    keys = [k for k in rows[0].keys() if k]
+    samp = next((k for k in keys if "Sampling (All" in k), None)
+    if samp is None:
+        sys.exit(f"no stall-sampling column among {keys}\n{out[:2000]}")
+    src = next((k for k in keys if k.lower() in ("source", "sass")), keys[1])
     addr = next((k for k in keys if "Address" in k), None)
-    val = lambda r: float(r[samp] or 0)
+
+    def val(r):
+        try:
+            return float((r[samp] or "0").replace(",", ""))
+        except ValueError:
+            return 0.0
     total = sum(val(r) for r in rows)
     print(f"{len(rows)} SASS lines, {total:.0f} stall samples; columns: {keys}")
     for r in sorted(rows, key=val, reverse=True)[:args.top]:
         print(f"{val(r):8.0f} {100 * val(r) / total:5.1f}%  {r.get(addr, '')}  {r[src]}")
     # the stall-reason columns summed over all lines
-    reasons = {k: sum(float(r[k] or 0) for r in rows) for k in keys if k.startswith("stall_") or "Stall" in k and k != samp}
+    def num(x):
+        try:
+            return float((x or "0").replace(",", ""))
+        except ValueError:
+            return 0.0
+    reasons = {k: sum(num(r[k]) for r in rows) for k in keys if ("stall" in k.lower()) and k != samp}
     for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:15]:
         print(f"  {k}: {v:.0f}")
 
