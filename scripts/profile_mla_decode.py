@@ -29,7 +29,7 @@ def stalls(args):
     """Per-SASS-line warp-stall samples of an ncu report (source page), the top lines and the totals."""
     out = subprocess.run(["ncu", "--import", args.stalls, "--page", "source", "--csv", "--print-source", "sass"],
                          capture_output=True, text=True, check=True).stdout
-    rows = list(csv.DictReader(io.StringIO(out[out.index('"'):])))
+    rows = list(csv.DictReader(io.StringIO(out[out.index('"Address"'):])))
     if not rows:
         sys.exit("no source rows")
     keys = [k for k in rows[0].keys() if k]
