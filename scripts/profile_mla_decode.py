@@ -45,6 +45,12 @@ def stalls(args):
         except ValueError:
             return 0.0
     total = sum(val(r) for r in rows)
+    if args.dump:
+        base = int(rows[0][addr], 16) if addr else 0
+        with open(args.dump, "w") as f:
+            for r in rows:
+                off = int(r[addr], 16) - base if addr else 0
+                f.write(f"{off:#07x}\t{val(r):.0f}\t{r.get('Instructions Executed', '')}\t{r[src].strip()}\n")
     print(f"{len(rows)} SASS lines, {total:.0f} stall samples; columns: {keys}")
     for r in sorted(rows, key=val, reverse=True)[:args.top]:
         print(f"{val(r):8.0f} {100 * val(r) / total:5.1f}%  {r.get(addr, '')}  {r[src]}")
@@ -67,5 +73,6 @@ if __name__ == "__main__":
     ap.add_argument("--launches", type=int, default=4)
     ap.add_argument("--stalls", help="an ncu report: print its most stalled SASS lines")
     ap.add_argument("--top", type=int, default=60)
+    ap.add_argument("--dump", help="with --stalls: write offset, samples, executions, SASS per line to this file")
     a = ap.parse_args()
     stalls(a) if a.stalls else launch(a)
