@@ -186,7 +186,10 @@ class MLADecodeFamily(Family):
         return (x, dims["NPART"], dims["B"])
 
     def template_context(self, p, arch):
-        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3", **p)
+        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3",
+                    dq_batch=self.DQ_BATCH, **p)
+
+    DQ_BATCH = 6       # fp8: dequantisation pieces per thread whose loads are issued together (18 per tile)
 
     def kernel_name(self, p):
         s = f"_sparse{p['topk']}" if p["sparse"] else ""
