@@ -61,7 +61,11 @@ TEST["mla_combine"] = [
     {"num_heads": h, "q_len": q, "attn_sink": s, "out_dtype": o} for h, q, s in sorted(
         {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})
     for o in ("bf16", "f8e4m3")] + [{"num_heads": 16, "col_splits": 1, "part_unroll": 1}, {"num_heads": 128, "col_splits": 2,
-                                                                    "out_dtype": "f8e4m3", "warps": 8}]
+                                                                    "out_dtype": "f8e4m3", "warps": 8},
+                                  {"num_heads": 128, "part_splits": 4, "warps": 8},
+                                  {"num_heads": 16, "q_len": 2, "attn_sink": True, "part_splits": 2,
+                                   "out_dtype": "f8e4m3"},
+                                  {"num_heads": 64, "part_splits": 8, "warps": 8, "col_splits": 1, "part_unroll": 2}]
 
 # the decode branch (tests/test_gpu_decode_branch.py) composes bundles of the lists above; these rope
 # bundles complete its configurations (heads 16 and 64 at page size 64)
@@ -90,7 +94,9 @@ BENCH = {
         for h in (16, 128) for tn, st in ((32, 2), (32, 3))
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
-                    for o in ("bf16", "f8e4m3")],
+                    for o in ("bf16", "f8e4m3")] + [
+        {"num_heads": h, "out_dtype": o, "part_splits": ps, "warps": 8} for h in (16, 128)
+        for o in ("bf16", "f8e4m3") for ps in (2, 4, 8)],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],

@@ -106,3 +106,5 @@ def test_mla_combine_compiles_vectorised_without_spills(params, tmp_path_factory
     assert "ld.global.v4.f32" in ptx or "ld.global.v4.b32" in ptx, "16-byte loads of the partial outputs"
     if m["params"]["out_dtype"] == "f8e4m3":     # the fused 1x128 quantisation: fp8 conversion + warp amax
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "shfl.sync.bfly" in ptx
+    if m["params"]["part_splits"] > 1:           # the warps of a task meet in shared memory
+        assert "bar.sync" in ptx and "st.shared.b32" in ptx and "ld.shared.b32" in ptx

@@ -88,11 +88,12 @@ def test_mla_decode_matches_reference(bundle, shape, rng, record_property):
 
 
 @pytest.mark.parametrize("bundle", COMBINES, ids=lambda b: b.name)
-def test_mla_combine_matches_reference(bundle, rng, record_property):
+@pytest.mark.parametrize("nparts", [7, 67], ids=lambda n: f"P{n}")
+def test_mla_combine_matches_reference(bundle, nparts, rng, record_property):
     import torch
     k = runtime.load(bundle)
     p = k.params
-    prob = COMB.make_problem(p, dict(B=5, NPART=7), rng)
+    prob = COMB.make_problem(p, dict(B=5, NPART=nparts), rng)
     x = prob.inputs
     o = to_torch(x["o_part"], "f32")
     l = to_torch(x["lse_part"], "f32")

@@ -35,10 +35,16 @@ class MLACombine(Family):
         Param("col_splits", 4, choices=(1, 2, 4), doc="warps per row, each merging 512 / col_splits columns "
                                                       "(4: four times the parallelism for small batches)"),
         Param("part_unroll", 4, choices=(1, 2, 4, 8), doc="partitions whose loads are issued together"),
+        Param("part_splits", 1, choices=(1, 2, 4, 8),
+              doc="warps per (row, column chunk), each merging every part_splits-th group of partitions; "
+                  "their sums meet in shared memory (more loads in flight for few rows and many partitions)"),
         Param("out_dtype", "bf16", choices=("bf16", "f8e4m3"),
               doc="f8e4m3: write fp8 codes + 1x128 scales (the act_quant_fp8 recipe) instead of bf16"),
     )
     shape_params = ("num_heads", "q_len", "attn_sink", "out_dtype")
+    # decode steps: one long sequence cut into many partitions ... a full batch with a few
+    bench_shapes = [dict(B=1, NPART=64), dict(B=1, NPART=16), dict(B=8, NPART=16), dict(B=32, NPART=4),
+                    dict(B=128, NPART=2)]
     bucket_dims = ("B", "NPART")
 
     def layout(self, p) -> ArgLayout:
@@ -70,17 +76,39 @@ class MLACombine(Family):
                                   "float32 scale per 1 x 128 block of out"))
         return ArgLayout(syms, args)
 
+    def constraints(self, p, arch):
+        if p["warps"] % p["part_splits"]:
+            return [f"warps={p['warps']} is not a multiple of part_splits={p['part_splits']} (a CTA holds whole "
+                    "groups of a task's warps)"]
+        return []
+
+    def smem_bytes(self, p):
+        acc = DV // p["col_splits"] // 32
+        return 0 if p["part_splits"] == 1 else p["warps"] * (32 * acc + 1) * 4 + 32
+
+    def prefer(self, kernels, dims):
+        """Without a tuned entry: split the partitions over warps when rows x column chunks leave the GPU
+        mostly idle (small batch) and there are many partitions to merge; one warp per task otherwise."""
+        def want(k):
+            p = k.params
+            tasks = dims.get("B", 1) * p["num_heads"] * p["q_len"] * p["col_splits"]
+            nparts = dims.get("NPART", 1)
+            ps = 1 if tasks >= 4096 else max(1, min(8, nparts // 16))
+            return (abs(p["part_splits"] - ps), -p["col_splits"], abs(p["part_unroll"] - 4), abs(p["warps"] - 4))
+        return min(kernels, key=want)
+
     def block(self, p):
         return (32 * p["warps"], 1, 1)
 
     def grid(self, p, dims):
         R = p["num_heads"] * p["q_len"]
-        return (-(-R * p["col_splits"] // p["warps"]), dims["B"], 1)
+        return (-(-R * p["col_splits"] // (p["warps"] // p["part_splits"])), dims["B"], 1)
 
     def kernel_name(self, p):
         return (f"mla_combine_h{p['num_heads']}_q{p['q_len']}" + ("_sink" if p["attn_sink"] else "")
                 + ("_fp8out" if p["out_dtype"] == "f8e4m3" else "") + f"_w{p['warps']}"
-                + (f"_cs{p['col_splits']}" if p["col_splits"] != 1 else "") + f"_u{p['part_unroll']}")
+                + (f"_cs{p['col_splits']}" if p["col_splits"] != 1 else "") + f"_u{p['part_unroll']}"
+                + (f"_ps{p['part_splits']}" if p["part_splits"] != 1 else ""))
 
     def template_context(self, p, arch):
         return dict(p, fp8_out=p["out_dtype"] == "f8e4m3", qblock=QBLOCK)
