@@ -136,6 +136,61 @@ class MLACombine(Family):
             inputs["attn_sink"] = rng.uniform(-1, 3, p["num_heads"]).astype(np.float32)
         return Problem(dict(B=B, NPART=P), inputs)
 
+    # ---------------- benchmark companions ----------------
+    def torch_inputs(self, p, prob) -> dict:
+        """CUDA tensors as the decode writes them: o_part (B, P, R, 512) viewed as (R, 512, P, B), and so on."""
+        import torch
+        from ...interop import to_torch
+        x = prob.inputs
+        B, P, R, _ = x["o_part"].shape
+        fp8 = p["out_dtype"] == "f8e4m3"
+        out = torch.empty((B, R, DV), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device="cuda")
+        t = dict(o_part=to_torch(x["o_part"], "f32").permute(2, 3, 1, 0),
+                 lse_part=to_torch(x["lse_part"], "f32").permute(2, 1, 0),
+                 out=out.permute(1, 2, 0),
+                 lse=torch.empty((B, R), dtype=torch.float32, device="cuda").permute(1, 0))
+        if p["attn_sink"]:
+            t["attn_sink"] = to_torch(x["attn_sink"], "f32")
+        if fp8:
+            t["out_scales"] = torch.empty((B, R, DV // QBLOCK), dtype=torch.float32, device="cuda").permute(1, 2, 0)
+        return t
+
+    def torch_impl(self, p, t):
+        """The merge in torch float32 ops (the act_quant_fp8 recipe for an fp8 output)."""
+        import torch
+        from ...numerics import FP8_E4M3_MAX
+        lse2, o = t["lse_part"], t["o_part"]                      # (R, P, B), (R, 512, P, B)
+        allv = lse2
+        if p["attn_sink"]:
+            sink2 = t["attn_sink"].repeat(p["q_len"]) * (1.0 / np.log(2.0))
+            allv = torch.cat([lse2, sink2[:, None, None].expand(-1, 1, lse2.shape[2])], 1)
+        mx = allv.amax(1)
+        mu = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+        w = torch.exp2(lse2 - mu[:, None, :])
+        den = torch.exp2(allv - mu[:, None, :]).sum(1)
+        num = torch.einsum("rpb,rdpb->rdb", w, torch.where(w[:, None] > 0, o, torch.zeros_like(o)))
+        out = torch.where(den[:, None] > 0, num / den[:, None], torch.zeros_like(num))
+        t["lse"].copy_((mu + torch.log2(den)) * float(np.log(2.0)))
+        if p["out_dtype"] == "f8e4m3":
+            R, _, B = out.shape
+            blk = out.to(torch.bfloat16).float().view(R, DV // QBLOCK, QBLOCK, B)
+            scale = blk.abs().amax(2).clamp_min(1e-12) / FP8_E4M3_MAX
+            q = (blk * (1.0 / scale)[:, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
+            t["out"].copy_(q.view(R, DV, B).to(torch.float8_e4m3fn))
+            t["out_scales"].copy_(scale)
+        else:
+            t["out"].copy_(out.to(torch.bfloat16))
+
+    def bench_outputs(self, p, t):
+        o = t["out"].float()
+        if p["out_dtype"] == "f8e4m3":
+            R, _, B = o.shape
+            o = (o.view(R, DV // QBLOCK, QBLOCK, B) * t["out_scales"][:, :, None]).view(R, DV, B)
+        return {"out": o}
+
+    def baseline_desc(self, p):
+        return "torch: exp2-weighted einsum over partitions, float32"
+
     def reference(self, p, inputs, precision="f64") -> dict:
         o = inputs["o_part"].astype(np.float64)
         lse2 = inputs["lse_part"].astype(np.float64)               # log2 units
