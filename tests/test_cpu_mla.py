@@ -123,3 +123,16 @@ def test_default_partitions():
     assert default_partitions(p, 1, 100, 132) == 1          # two tiles at least per partition
     p128 = DEC.validate({"num_heads": 128})
     assert default_partitions(p128, 64, 4096, 132) == 1     # 128 CTAs already
+
+
+def test_combine_prefers_partition_splits_only_for_small_batches():
+    from types import SimpleNamespace
+    from mlagen import families
+    comb = families.get("mla_combine")
+    ks = [SimpleNamespace(params=comb.validate(dict(num_heads=128, part_splits=ps, warps=4 if ps == 1 else 8)))
+          for ps in (1, 2, 4, 8)]
+    pick = lambda **d: comb.prefer(ks, d).params["part_splits"]
+    assert pick(B=1, NPART=64) == 8 and pick(B=1, NPART=16) == 4
+    assert pick(B=1, NPART=4) == 1 and pick(B=8, NPART=16) == 1 and pick(B=128, NPART=2) == 1
+    with pytest.raises(ParamError, match="multiple of part_splits"):
+        comb.validate(dict(part_splits=8, warps=4))

@@ -88,12 +88,15 @@ class MLACombine(Family):
 
     def prefer(self, kernels, dims):
         """Without a tuned entry: split the partitions over warps when rows x column chunks leave the GPU
-        mostly idle (small batch) and there are many partitions to merge; one warp per task otherwise."""
+        mostly idle (small batch) and there are many partitions to merge; one warp per task otherwise.
+        Read off the H100 rows at 9ccbb5f: B=1 with 64 partitions 24.2 -> 13.8 us (H=128) and 20.5 -> 8.3 us
+        (H=16) at part_splits 8; 16 partitions best at 4; from 4096 tasks on (B=8 at H=128), or with 4
+        partitions or fewer, splitting only adds the shared-memory step."""
         def want(k):
             p = k.params
             tasks = dims.get("B", 1) * p["num_heads"] * p["q_len"] * p["col_splits"]
             nparts = dims.get("NPART", 1)
-            ps = 1 if tasks >= 4096 else max(1, min(8, nparts // 16))
+            ps = 1 if tasks >= 4096 else max(1, min(8, nparts // 4))
             return (abs(p["part_splits"] - ps), -p["col_splits"], abs(p["part_unroll"] - 4), abs(p["warps"] - 4))
         return min(kernels, key=want)
 
