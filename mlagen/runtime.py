@@ -139,6 +139,23 @@ def _use_device(ordinal: int) -> None:
     _check(drv.cuCtxSetCurrent(_CTX[ordinal])[0], "cuCtxSetCurrent")
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: int = 0) -> int:
+    """Streaming multiprocessors of CUDA device ``device`` (cached)."""
+    if device not in _SM_COUNT:
+        drv = _driver()
+        _use_device(device)
+        err, dev = drv.cuDeviceGet(device)
+        _check(err, "cuDeviceGet")
+        attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        err, n = drv.cuDeviceGetAttribute(attr, dev)
+        _check(err, "cuDeviceGetAttribute")
+        _SM_COUNT[device] = int(n)
+    return _SM_COUNT[device]
+
+
 def stream_handle(stream: Any, device: int, torch_inputs: bool) -> int:
     """The CUstream handle for ``stream``: None means torch's current stream (or the legacy default)."""
     if stream is None:
@@ -438,7 +455,11 @@ class Dispatcher:
         if chosen is not None:
             self.last_reason = f"tuned table entry for {bucket}"
         else:
-            chosen = self.family.prefer(ok, dims)
+            try:
+                sms = sm_count(device)
+            except Exception:          # no driver (a host without a GPU choosing for a table): H100
+                sms = 132
+            chosen = self.family.prefer(ok, {**dims, "SMS": sms})
             self.last_reason = f"heuristic ({'no table entry for ' + bucket if self._tables else 'no table'})"
         self._cache[sig] = chosen
         return chosen

@@ -56,3 +56,14 @@ def test_export_builds_a_table_the_dispatcher_reads(tmp_path):
     report.append_rows(rows, "bench", tmp_path)
     table = tune.export(str(tmp_path), tmp_path / "d.json")
     assert table["qk_rmsnorm"]["GPU X"][fam.table_key(p, {"M": 64})]["kernel"] == "k1"
+
+
+def test_fp8_gemm_heuristic_counts_the_device_sms():
+    """About a wave of CTAs on *this* device: the Dispatcher passes its SM count as dims["SMS"]."""
+    from types import SimpleNamespace
+    fam = families.get("fp8_gemm")
+    ks = [SimpleNamespace(params=fam.validate(dict(tile_m=64, tile_n=n, stages=6))) for n in (64, 128)]
+    pick = lambda sms: fam.prefer(ks, dict(M=64, N=7168, K=2048, L=1, SMS=sms)).params["tile_n"]
+    assert pick(132) == 64        # 56 CTAs of 128 columns are under 0.8 x 132: 112 of 64 columns
+    assert pick(66) == 128        # on a 66-SM part the 128-wide tiles already fill a wave
+    assert fam.prefer(ks, dict(M=64, N=7168, K=2048, L=1)).params["tile_n"] == 64   # no SMS: an H100

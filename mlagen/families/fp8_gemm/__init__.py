@@ -67,11 +67,13 @@ class FP8Gemm(Family):
                 errs.append(f"{g}={p[g]} must divide or be a multiple of {t}={p[t]}")
         return errs
 
-    def prefer(self, kernels, dims, sms: int = 132):
+    def prefer(self, kernels, dims):
         """Without a tuned entry (rules read off the H100 bench rows): 128x128 tiles for large M; for
-        decode-sized M, 64-row tiles and the widest tile_n that still gives about a wave of CTAs
-        (ctas_per_sm=2 first, then more stages); the plain TMA-epilogue mainloop before the variants."""
+        decode-sized M, 64-row tiles and the widest tile_n that still gives about a wave of CTAs on this
+        device (``dims["SMS"]``, which the Dispatcher adds; 132 when absent), ctas_per_sm=2 first, then more
+        stages; the plain TMA-epilogue mainloop before the variants."""
         M, N, L = dims["M"], dims["N"], dims.get("L", 1)
+        sms = dims.get("SMS", 132)
 
         def key(k):
             p = k.params

@@ -26,20 +26,7 @@ from ...abi import ArgumentError
 from ... import runtime
 from . import BM, DV, family as DECODE
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: int = 0) -> int:
-    if device not in _SM_COUNT:
-        drv = runtime._driver()
-        runtime._use_device(device)
-        err, dev = drv.cuDeviceGet(device)
-        runtime._check(err, "cuDeviceGet")
-        attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-        err, n = drv.cuDeviceGetAttribute(attr, dev)
-        runtime._check(err, "cuDeviceGetAttribute")
-        _SM_COUNT[device] = int(n)
-    return _SM_COUNT[device]
+sm_count = runtime.sm_count
 
 
 def default_partitions(p: dict, batch: int, max_len: int, sms: int) -> int:
