@@ -481,6 +481,16 @@ def cmd_export(args) -> int:
 # --------------------------------------------------------------------------------------------
 # Parser
 # --------------------------------------------------------------------------------------------
+def _bench_options(s, shape_help: str, shape_var: str, warmup: int, reps: int) -> None:
+    """The options every benchmark command takes (one place for their names and meaning)."""
+    s.add_argument("--bundles", default="build", help="folder holding bundles (default: build)")
+    s.add_argument("--shape", action="append", default=[], metavar=shape_var, help=shape_help)
+    s.add_argument("--results", default="results", help="results folder (default: results)")
+    s.add_argument("--warmup", type=int, default=warmup, help=f"warm-up launches (default {warmup})")
+    s.add_argument("--reps", type=int, default=reps, help=f"timed launches (default {reps})")
+    s.add_argument("--no-torch", action="store_true", help="skip the torch baseline(s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlagen", description="Generate, compile and benchmark CuTe-DSL kernels.")
     ap.add_argument("--version", action="version", version=f"mlagen {__version__}")
@@ -529,27 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmark compiled bundles on this host's GPU (mlagen.bench)")
     s.add_argument("family")
-    s.add_argument("--bundles", default="build", help="folder holding bundles (default: build)")
-    s.add_argument("--shape", action="append", default=[], metavar="KEY=VALUE",
-                   help="a problem size such as M=4096 (repeatable; left as strings for mlagen.bench)")
+    _bench_options(s, "a problem size such as M=4096 (repeatable)", "KEY=VALUE", warmup=10, reps=50)
     s.add_argument("--arch", default=None, help="only bundles of this architecture")
     s.add_argument("--device", type=int, default=0, help="CUDA device ordinal (default 0)")
-    s.add_argument("--results", default="results", help="results folder (default: results)")
-    s.add_argument("--warmup", type=int, default=10, help="warm-up launches (default 10)")
-    s.add_argument("--reps", type=int, default=50, help="timed launches (default 50)")
-    s.add_argument("--no-torch", action="store_true", help="skip the torch baseline")
     s.add_argument("--compile-torch", action="store_true", help="also time a torch.compile baseline")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("bench-branch", help="benchmark the fused MLA decode branch (mlagen.decode_branch) on this GPU")
-    s.add_argument("--bundles", default="build", help="folder holding the families' bundles (default: build)")
-    s.add_argument("--shape", action="append", default=[], metavar="H=..,B=..,C=..",
-                   help="heads, batch, context (+ q_len, page_size, fp8=1, g, sparse=1, topk); repeatable")
+    _bench_options(s, "heads, batch, context (+ q_len, page_size, fp8=1, g, sparse=1, topk); repeatable",
+                   "H=..,B=..,C=..", warmup=5, reps=20)     # a branch step is 5-6 launches: fewer repetitions
     s.add_argument("--table", default=None, help="tuned dispatch table (mlagen export) for the plan's bundles")
-    s.add_argument("--results", default="results", help="results folder (default: results)")
-    s.add_argument("--warmup", type=int, default=5, help="warm-up launches (default 5)")
-    s.add_argument("--reps", type=int, default=20, help="timed launches (default 20)")
-    s.add_argument("--no-torch", action="store_true", help="skip the torch compositions")
     s.set_defaults(func=cmd_bench_branch)
 
     s = sub.add_parser("report", help="summarise result tables (and plot one)")
