@@ -303,8 +303,9 @@ def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_t
                     log(f"torch baseline out of memory at {shape}")
                     torch.cuda.empty_cache()
             for k in group:
-                comb = next((c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and all(
-                    c.params[n] == k.params[n] for n in ("num_heads", "q_len", "attn_sink"))), None)
+                cands = [c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and all(
+                    c.params[n] == k.params[n] for n in ("num_heads", "q_len", "attn_sink"))]
+                comb = runtime.Dispatcher(cands) if cands else None      # the combine's prefer rule picks
                 plan = MLADecode(k, comb)
                 for npart in partitions:
                     if npart is not None and npart > 1 and comb is None:
