@@ -54,15 +54,12 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 64, "sparse": True, "topk": 256, "page_size": 32,
      "tile_n": 32, "stages": 2},
     {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "q_len": 2, "page_size": 16, "stages": 2},
-    {"num_heads": 128, "part_dtype": "bf16"},
-    {"num_heads": 16, "q_len": 2, "attn_sink": True, "part_dtype": "bf16", "tile_n": 32, "stages": 4},
 ]
 # one combine kernel per (heads, q_len, sink) the decode bundles use, with bf16 output and with the fp8
 # output the decode branch's w_uv GEMM reads
 TEST["mla_combine"] = [
-    {"num_heads": h, "q_len": q, "attn_sink": s, "part_dtype": pd, "out_dtype": o} for h, q, s, pd in sorted(
-        {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False), c.get("part_dtype", "f32"))
-         for c in TEST["mla_decode"]})
+    {"num_heads": h, "q_len": q, "attn_sink": s, "out_dtype": o} for h, q, s in sorted(
+        {(c.get("num_heads", 128), c.get("q_len", 1), c.get("attn_sink", False)) for c in TEST["mla_decode"]})
     for o in ("bf16", "f8e4m3")] + [{"num_heads": 16, "col_splits": 1, "part_unroll": 1}, {"num_heads": 128, "col_splits": 2,
                                                                     "out_dtype": "f8e4m3", "warps": 8},
                                   {"num_heads": 128, "part_splits": 4, "warps": 8},
@@ -95,13 +92,11 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
         for h in (16, 128) for tn, st in ((32, 2), (32, 3))
-    ] + [{"num_heads": h, "part_dtype": "bf16"} for h in (16, 128)],
+    ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [
         {"num_heads": h, "out_dtype": o, "part_splits": ps, "warps": 8} for h in (16, 128)
-        for o in ("bf16", "f8e4m3") for ps in (2, 4, 8)] + [
-        {"num_heads": h, "out_dtype": o, "part_dtype": "bf16", **kw} for h in (16, 128) for o in ("bf16", "f8e4m3")
-        for kw in ({}, {"part_splits": 8, "warps": 8})],
+        for o in ("bf16", "f8e4m3") for ps in (2, 4, 8)],
     "qk_rmsnorm": [
         {"threads_per_row": t, "rows_per_cta": r} for t in (32, 64) for r in (1, 2, 4, 8)
     ],

@@ -30,8 +30,8 @@ def _plan(k):
     p = k.params
     combs = [runtime.Kernel(b) for b in COMBINES]
     combs = [c for c in combs if (c.params["num_heads"], c.params["q_len"], c.params["attn_sink"],
-                                  c.params.get("out_dtype", "bf16"), c.params.get("part_dtype", "f32"))
-             == (p["num_heads"], p["q_len"], p["attn_sink"], "bf16", p["part_dtype"])]
+                                  c.params.get("out_dtype", "bf16"))
+             == (p["num_heads"], p["q_len"], p["attn_sink"], "bf16")]
     return MLADecode(k, combs[0] if combs else None)
 
 

@@ -57,9 +57,6 @@ class MLADecodeFamily(Family):
         Param("stages", 2, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages (KV tiles in flight)"),
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
-        Param("part_dtype", "f32", choices=("f32", "bf16"),
-              doc="element type of the split-KV partial outputs (the workspace mla_combine reads): bf16 "
-                  "halves that traffic, which dominates at small batch with many partitions"),
     )
     shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
                     "attn_sink")
@@ -170,7 +167,7 @@ class MLADecodeFamily(Family):
         args += [
             TensorArg("out", "bf16", (R, DV, "B"), ("sor", 1, "sob"), 4, "out"),
             TensorArg("lse", "f32", (R, "B"), ("slr", "slb"), 4, "out"),
-            TensorArg("o_part", p["part_dtype"], (R, DV, "NPART", "B"), ("spr", 1, "spp", "spb"), 4, "inout",
+            TensorArg("o_part", "f32", (R, DV, "NPART", "B"), ("spr", 1, "spp", "spb"), 4, "inout",
                       "workspace: normalised partial outputs"),
             TensorArg("lse_part", "f32", (R, "NPART", "B"), ("sxr", "sxp", "sxb"), 4, "inout",
                       "workspace: partial LSE (log2 units)"),
@@ -199,8 +196,7 @@ class MLADecodeFamily(Family):
         g = f"g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
         return (f"mla_decode_{p['cache_dtype']}{g}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
-                + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
-                + ("_pbf16" if p["part_dtype"] == "bf16" else ""))
+                + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows"))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)

@@ -68,28 +68,8 @@ class BoundMLADecode:
             b.launch()
 
 
-def part_dtype(k) -> str:
-    return first_kernel(k).params.get("part_dtype", "f32")
-
-
-def restrict(k, keep):
-    """A Kernel-or-Dispatcher cut to the candidates ``keep`` accepts (None if none)."""
-    if isinstance(k, runtime.Dispatcher):
-        return k.restrict(keep)
-    return k if keep(k) else None
-
-
 class MLADecode:
     def __init__(self, decode, combine):
-        # one partial-output type for the whole plan: bf16 when both a decode and a combine candidate
-        # have it (half the workspace traffic), else float32
-        if combine is not None:
-            both = lambda pd: (restrict(decode, lambda k: k.params.get("part_dtype", "f32") == pd) is not None and
-                               restrict(combine, lambda k: k.params.get("part_dtype", "f32") == pd) is not None)
-            pd = "bf16" if both("bf16") else part_dtype(decode)
-            combine = restrict(combine, lambda k: k.params.get("part_dtype", "f32") == pd)
-            if combine is not None:
-                decode = restrict(decode, lambda k: k.params.get("part_dtype", "f32") == pd)
         self.decode = decode          # runtime.Kernel or runtime.Dispatcher of mla_decode
         self.combine = combine        # ... of mla_combine (None: only one partition is ever used)
 
@@ -150,8 +130,7 @@ class MLADecode:
         # the views depend only on shape parameters, which every candidate of the dispatcher shares
         p = first_kernel(dec).params
         qv, kv, ov, lv = self.views(p, q, kv_cache, out, lse)
-        part_t = torch.bfloat16 if part_dtype(dec) == "bf16" else torch.float32
-        dummy_o = torch.empty((DV,), dtype=part_t, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
+        dummy_o = torch.empty((DV,), dtype=torch.float32, device=q.device).as_strided((ql * h, DV, 1, B), (0, 1, 0, 0))
         dummy_l = torch.empty((1,), dtype=torch.float32, device=q.device).as_strided((ql * h, 1, B), (0, 0, 0))
         # an fp8-output combine writes `out`; the decode kernel (several partitions) never does: a bf16 dummy
         dec_out = (torch.empty((DV,), dtype=torch.bfloat16, device=q.device).as_strided((ql * h, DV, B), (0, 1, 0))
@@ -182,7 +161,7 @@ class MLADecode:
             if self.combine is None:
                 raise ArgumentError("mla_decode: num_partitions > 1 needs an mla_combine bundle")
             R = ql * h
-            o_part = torch.empty((B, num_partitions, R, DV), dtype=part_t, device=q.device)
+            o_part = torch.empty((B, num_partitions, R, DV), dtype=torch.float32, device=q.device)
             l_part = torch.empty((B, num_partitions, R), dtype=torch.float32, device=q.device)
             opv, lpv = o_part.permute(2, 3, 1, 0), l_part.permute(2, 1, 0)
             launches.append(k.bind(stream=stream, check_contents=check_contents,
