@@ -16,9 +16,16 @@ def launch(args):
     import torch
     from mlagen import runtime
     from mlagen.families.mla_decode.plan import MLADecode, torch_problem
+    from pathlib import Path
     k = runtime.Kernel(args.bundle)
     t, kw = torch_problem(k.params, args.B, args.C, True)
-    b = MLADecode(k, None).bind(**t, **kw, num_partitions=1, max_len=args.C)
+    comb = None
+    if args.partitions > 1:      # the combine bundles beside the decode bundle, bf16 output
+        cs = [c for c in (runtime.Kernel(d) for d in runtime.find_bundles(Path(args.bundle).parent, "mla_combine"))
+              if c.params["out_dtype"] == "bf16" and all(c.params[n] == k.params[n] for n in ("num_heads", "q_len",
+                                                                                           "attn_sink"))]
+        comb = runtime.Dispatcher(cs)
+    b = MLADecode(k, comb).bind(**t, **kw, num_partitions=args.partitions, max_len=args.C)
     for _ in range(args.launches):
         b.launch()
     torch.cuda.synchronize()
@@ -71,6 +78,7 @@ if __name__ == "__main__":
     ap.add_argument("--B", type=int, default=128)
     ap.add_argument("--C", type=int, default=8192)
     ap.add_argument("--launches", type=int, default=4)
+    ap.add_argument("--partitions", type=int, default=1)
     ap.add_argument("--stalls", help="an ncu report: print its most stalled SASS lines")
     ap.add_argument("--top", type=int, default=60)
     ap.add_argument("--dump", help="with --stalls: write offset, samples, executions, SASS per line to this file")
