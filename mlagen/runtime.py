@@ -156,6 +156,14 @@ def sm_count(device: int = 0) -> int:
     return _SM_COUNT[device]
 
 
+def device_sms(device: int) -> int:
+    """sm_count, or an H100's 132 where no driver answers (a host without a GPU choosing or sizing)."""
+    try:
+        return sm_count(device)
+    except Exception:
+        return 132
+
+
 def stream_handle(stream: Any, device: int, torch_inputs: bool) -> int:
     """The CUstream handle for ``stream``: None means torch's current stream (or the legacy default)."""
     if stream is None:
@@ -272,8 +280,9 @@ class Kernel:
         if len(devs) != 1:
             raise ArgumentError(f"{self.name}: arrays are on several devices {sorted(devs)}")
         self.family.check_call(self.params, views, dims, contents=check_contents)
-        grid = tuple(int(g) for g in self.family.grid(self.params, dims))
-        return views, dims, grid, devs.pop()
+        device = devs.pop()
+        grid = tuple(int(g) for g in self.family.grid(self.params, {**dims, "SMS": device_sms(device)}))
+        return views, dims, grid, device
 
     def __call__(self, stream: Any = None, check_contents: bool = True, **kwargs):
         """Check, allocate missing outputs, launch; return the output arrays by name.
@@ -455,11 +464,7 @@ class Dispatcher:
         if chosen is not None:
             self.last_reason = f"tuned table entry for {bucket}"
         else:
-            try:
-                sms = sm_count(device)
-            except Exception:          # no driver (a host without a GPU choosing for a table): H100
-                sms = 132
-            chosen = self.family.prefer(ok, {**dims, "SMS": sms})
+            chosen = self.family.prefer(ok, {**dims, "SMS": device_sms(device)})
             self.last_reason = f"heuristic ({'no table entry for ' + bucket if self._tables else 'no table'})"
         self._cache[sig] = chosen
         return chosen

@@ -40,6 +40,8 @@ class FP8Gemm(Family):
         Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
         Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled. Slower: "
                                     "ptxas serialises every wgmma (C7514: accumulators read inside a pipeline stage)"),
+        Param("persistent", False, doc="one wave of CTAs, each looping over output tiles; its TMA producer runs "
+                                       "into the next tile while the MMA warpgroups finish the last"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
@@ -48,6 +50,8 @@ class FP8Gemm(Family):
 
     def constraints(self, p, arch):
         errs = []
+        if p["persistent"] and p["overlap"]:
+            errs.append("persistent=True is written for the serial mainloop; overlap=True is not supported with it")
         regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
         if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
@@ -145,7 +149,10 @@ class FP8Gemm(Family):
         return (128 * (1 + p["tile_m"] // 64), 1, 1)
 
     def grid(self, p, dims):
-        return (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
+        tiles = (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
+        if p["persistent"]:       # one wave: the SMs the runtime found (dims["SMS"]) x resident CTAs per SM
+            return (max(1, min(tiles[0] * tiles[1] * tiles[2], dims.get("SMS", 132) * p["ctas_per_sm"])), 1, 1)
+        return tiles
 
     def template_context(self, p, arch):
         producer, consumer = self.regs(p)
@@ -155,7 +162,7 @@ class FP8Gemm(Family):
         return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
-                + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf"))
+                + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
