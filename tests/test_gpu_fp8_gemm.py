@@ -19,7 +19,7 @@ SHAPES = [
     dict(M=17, N=200, K=256, L=2),
     dict(M=129, N=256, K=1024, L=1),
     dict(M=256, N=512, K=2048, L=3),
-    dict(M=1000, N=2300, K=384, L=3),    # more tiles than a wave of CTAs: persistent CTAs take several
+    dict(M=1000, N=2296, K=384, L=3),    # more tiles than a wave of CTAs: persistent CTAs take several
 ]
 
 
