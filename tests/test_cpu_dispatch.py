@@ -67,3 +67,14 @@ def test_fp8_gemm_heuristic_counts_the_device_sms():
     assert pick(132) == 64        # 56 CTAs of 128 columns are under 0.8 x 132: 112 of 64 columns
     assert pick(66) == 128        # on a 66-SM part the 128-wide tiles already fill a wave
     assert fam.prefer(ks, dict(M=64, N=7168, K=2048, L=1)).params["tile_n"] == 64   # no SMS: an H100
+
+
+def test_fp8_gemm_heuristic_takes_persistent_ctas_for_many_short_k_tiles():
+    from types import SimpleNamespace
+    fam = families.get("fp8_gemm")
+    ks = [SimpleNamespace(params=fam.validate(dict(tile_m=128, tile_n=128, stages=4, persistent=pp)))
+          for pp in (False, True)]
+    pick = lambda **d: fam.prefer(ks, dict(d, SMS=132)).params["persistent"]
+    assert pick(M=4096, N=24576, K=1536, L=1)              # 6144 tiles, short K
+    assert not pick(M=4096, N=7168, K=16384, L=1)          # long K: the epilogue is a small share
+    assert not pick(M=256, N=1024, K=1024, L=1)            # under two waves

@@ -76,12 +76,17 @@ class FP8Gemm(Family):
         decode-sized M, 64-row tiles and the widest tile_n that still gives about a wave of CTAs on this
         device (``dims["SMS"]``, which the Dispatcher adds; 132 when absent), ctas_per_sm=2 first, then more
         stages; the plain TMA-epilogue mainloop before the variants."""
-        M, N, L = dims["M"], dims["N"], dims.get("L", 1)
+        M, N, L, K = dims["M"], dims["N"], dims.get("L", 1), dims.get("K", 0)
         sms = dims.get("SMS", 132)
 
         def key(k):
             p = k.params
             variant = (p["overlap"], p["epilogue"] != "tma", not p["scale_prefetch"])
+            # persistent CTAs when there are more than two waves of tiles and K is short enough for the
+            # epilogue to matter (H100 rows at 13540cd: 1.30x at 1024x512x128 x128 heads, 1.12x at
+            # 4096x24576x1536, 1.10x at 1024x128x512 x128; 0.93x at K=16384; even at one or two waves)
+            tiles = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
+            variant += (p["persistent"] != (tiles > 2 * sms * p["ctas_per_sm"] and K <= 4096),)
             if M >= 2048:
                 return (variant, (p["tile_m"], p["tile_n"]) != (128, 128), p["ctas_per_sm"], abs(p["stages"] - 4))
             ctas = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
