@@ -37,7 +37,9 @@ What is fused, and the launches that remain (5 or 6 per step):
 
 1. rope_rmsnorm_quant writes the new cache rows and q_rope' straight into the rope columns of the
    decode's query buffer ``q_full [T, H, 576]`` (the concat's rope half costs nothing).
-2. act_quant_fp8 quantises q_nope (a strided [T*H, 128] view of q: no copy).
+2. q_nope is quantised to fp8 (1x128): inside step 1 when the plan has rope bundles built with
+   ``q_nope_quant=True`` (16 lanes per head, two heads per warp pass, act_quant_fp8's exact recipe), else by
+   act_quant_fp8 on a strided [T*H, 128] view of q (no copy).
 3. fp8_gemm (w_uk) stores its bf16 tile by TMA into the first 512 columns of ``q_full`` (the concat's
    other half costs nothing).
 4. mla_decode reads the lengths before this step and adds q_len itself (``kv_len_offset``).
@@ -46,10 +48,8 @@ What is fused, and the launches that remain (5 or 6 per step):
    6. act_quant_fp8 quantises it.
 7. fp8_gemm (w_uv) writes ``out``.
 
-Not fused, and why: q_nope's quantisation stays a separate launch (rope_rmsnorm_quant's work is one warp
-per token over the 64 rope dims of every head; adding the 128 nope dims per head would triple its
-reads inside a different work split); the one-partition decode epilogue writes bf16 (quantising there
-would need the whole 512-dim row of a head, which two warpgroups split between them).
+Not fused, and why: the one-partition decode epilogue writes bf16 (quantising there would need the whole
+512-dim row of a head, which two warpgroups split between them).
 """
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ import numpy as np
 
 from . import families
 from .abi import ArgumentError
-from .families.mla_decode.plan import MLADecode, default_partitions, first_kernel, pick, pick_kernels, sm_count
+from .families.mla_decode.plan import (MLADecode, default_partitions, first_kernel, pick, pick_kernels, restrict,
+                                       sm_count)
 
 NOPE, ROPE, LAT, VDIM = 128, 64, 512, 128       # DeepSeek-V3 head dims: q_nope, rope, kv_lora_rank, v_head
 D = LAT + ROPE
@@ -156,6 +157,11 @@ class MLADecodeBranch:
             raise FileNotFoundError(f"mla_decode_branch: no bundle under {root} for: " + "; ".join(missing)
                                     + " (build them with `mlagen generate FAMILY -p name=value ...` or the suites)")
         self.rope, self.quant, self.gemm = found["rope_rmsnorm_quant"], found["act_quant_fp8"], found["fp8_gemm"]
+        # rope bundles that also quantise q_nope take over step 2 (one launch fewer); else act_quant_fp8 runs it
+        fused_rope = restrict(self.rope, lambda k: k.params.get("q_nope_quant", False))
+        self.rope = fused_rope if fused_rope is not None else restrict(
+            self.rope, lambda k: not k.params.get("q_nope_quant", False))
+        self.rope_quantises_q_nope = fused_rope is not None
         comb_bf16 = pick_kernels(root, "mla_combine", dict(want_comb, out_dtype="bf16"), table)
         comb_fp8 = pick_kernels(root, "mla_combine", dict(want_comb, out_dtype="f8e4m3"), table)
         self.decode_bf16 = MLADecode(found["mla_decode"], comb_bf16)     # P = 1 (or no fp8 combine): + act_quant
@@ -216,11 +222,14 @@ class MLADecodeBranch:
 
         # 1. rope + rmsnorm + quant into the cache; q_rope' into q_full's rope columns
         ra = rope_args(q, q_full, kv_input, input_row_offsets, freqs_cis, kv_norm_gamma, cache, layer_idx, eps)
-        steps.append(("rope_rmsnorm_quant", pick(self.rope, ra).bind(**kw, **ra)))
-
-        # 2. q_nope -> fp8 (1 x 128)
-        qa = dict(x=qrows[:, :NOPE], q=qn8.view(T * H, NOPE), scales=qn_s.view(T * H, 1))
-        steps.append(("act_quant_fp8(q_nope)", pick(self.quant, qa).bind(**kw, **qa)))
+        if self.rope_quantises_q_nope:      # ... and 2. q_nope -> fp8 (1 x 128) in the same launch
+            ra.update(q_nope=q[:, :, :NOPE], q_nope_fp8=qn8, q_nope_scales=qn_s.view(T, H))
+            steps.append(("rope_rmsnorm_quant(+q_nope fp8)", pick(self.rope, ra).bind(**kw, **ra)))
+        else:
+            steps.append(("rope_rmsnorm_quant", pick(self.rope, ra).bind(**kw, **ra)))
+            # 2. q_nope -> fp8 (1 x 128)
+            qa = dict(x=qrows[:, :NOPE], q=qn8.view(T * H, NOPE), scales=qn_s.view(T * H, 1))
+            steps.append(("act_quant_fp8(q_nope)", pick(self.quant, qa).bind(**kw, **qa)))
 
         # 3. q_nope @ w_uk -> q_full[:, :, :512] (bf16, TMA store into the concat buffer)
         fam = families.get("fp8_gemm")

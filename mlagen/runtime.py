@@ -423,6 +423,15 @@ class Dispatcher:
         self._cache: dict[Any, Kernel] = {}
         self.last_reason = ""
 
+    def restrict(self, keep) -> "Dispatcher | None":
+        """The same dispatcher (table, device) over the candidates ``keep(kernel)`` accepts; None if none."""
+        ks = [k for k in self.kernels if keep(k)]
+        if not ks:
+            return None
+        d = Dispatcher(ks, None, self._device_name)
+        d._tables = self._tables
+        return d
+
     @classmethod
     def from_dir(cls, root, family: str, arch: str | None = None, table_path: str | None = None):
         ks = [Kernel(b) for b in find_bundles(root, family, arch)]

@@ -76,6 +76,12 @@ TEST["rope_rmsnorm_quant"] += [
     {"num_heads": 16, "head_splits": 4, "q_unroll": 1},
     {"num_heads": 16, "cache_dtype": "f8e4m3", "quant_granularity": 64, "head_splits": 4, "q_unroll": 1},
     {"num_heads": 64},
+    # q_nope quantised inside the rope launch: the branch then skips act_quant_fp8 for q_nope (three of its
+    # five test configurations; the other two keep the separate launch)
+    {"q_nope_quant": True},
+    {"num_heads": 16, "cache_dtype": "f8e4m3", "quant_granularity": 64, "head_splits": 4, "q_unroll": 1,
+     "q_nope_quant": True},
+    {"num_heads": 64, "q_nope_quant": True},
 ]
 
 # Performance: a small grid of tuning knobs at the default shapes.
@@ -113,6 +119,9 @@ BENCH = {
     ] + [
         {"cache_dtype": c, "num_heads": 16, "tokens_per_cta": w, "head_splits": s, "q_unroll": 1}
         for c in ("bf16", "f8e4m3") for w in (2, 4, 8) for s in (1, 4)
+    ] + [
+        {"cache_dtype": c, "num_heads": h, "tokens_per_cta": w, "head_splits": s, "q_unroll": u, "q_nope_quant": True}
+        for c in ("bf16", "f8e4m3") for h, w, s, u in ((128, 4, 4, 4), (128, 8, 1, 4), (16, 4, 4, 1))
     ],
 }
 

@@ -40,9 +40,22 @@ def run_and_check(k, prob, record_property):
     x = prob.inputs
     t = _torch_inputs(p, x)
     t["q_rope_out"] = poison(torch.empty_like(t["q_rope"]))
+    if p["q_nope_quant"]:
+        T, H = t["q_nope"].shape[:2]
+        t["q_nope_fp8"] = poison(torch.empty((T, H, 128), dtype=torch.float8_e4m3fn, device="cuda"))
+        t["q_nope_scales"] = poison(torch.empty((T, H), dtype=torch.float32, device="cuda"))
     k(**t)
     torch.cuda.synchronize()
     ref = FAM.reference(p, x)
+    if p["q_nope_quant"]:
+        # act_quant_fp8's codes and scales (the same float32 recipe: equal up to rare rounding-boundary flips)
+        codes = to_numpy(t["q_nope_fp8"], "f8e4m3").astype(np.float32)
+        sc = to_numpy(t["q_nope_scales"], "f32")
+        assert np.all(np.isfinite(codes)) and np.all(np.isfinite(sc)), "q_nope_fp8 / scales unwritten"
+        assert np.array_equal(sc, ref["q_nope_scales"]), "q_nope scales differ from act_quant_fp8's recipe"
+        flips = float(np.mean(codes != ref["q_nope_fp8"].astype(np.float32)))
+        record_property("q_nope_code_mismatch", flips)
+        assert flips < 1e-3, f"{flips:.2%} of q_nope codes differ from act_quant_fp8's"
     ref64 = FAM.reference(p, x, precision="f64")
     q = to_numpy(t["q_rope_out"], "bf16").astype(np.float64)
     assert np.all(np.isfinite(q)), "q_rope_out has unwritten elements"

@@ -53,6 +53,13 @@ def first_kernel(k):
     return k.kernels[0] if isinstance(k, runtime.Dispatcher) else k
 
 
+def restrict(k, keep):
+    """A Kernel-or-Dispatcher cut to the candidates ``keep(kernel)`` accepts (None if none)."""
+    if isinstance(k, runtime.Dispatcher):
+        return k.restrict(keep)
+    return k if keep(k) else None
+
+
 def pick(k, args):
     """The kernel of a Kernel-or-Dispatcher that runs the call ``args``."""
     return k.select(args) if isinstance(k, runtime.Dispatcher) else k

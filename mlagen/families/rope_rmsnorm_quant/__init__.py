@@ -27,9 +27,11 @@ from typing import Mapping
 import numpy as np
 
 from ...abi import DTYPES, ArgLayout, ArgumentError, ScalarArg, Sym, TensorArg
-from ...numerics import FP8_E4M3_MAX, NP_DTYPE, quantize_fp8, round_to
+from ...numerics import FP8_E4M3_MAX, NP_DTYPE, quantize_fp8, quantize_fp8_rows, round_to
 from ...interop import host_copy
 from ..base import Family, Param, Problem, random_page_table
+
+NOPE = 128            # q_nope width per head: one fp8 scale block (q_nope_quant)
 
 
 class RopeRMSNormQuant(Family):
@@ -49,6 +51,9 @@ class RopeRMSNormQuant(Family):
         Param("tokens_per_cta", 4, choices=(1, 2, 4, 8, 16), doc="warps (tokens) per CTA"),
         Param("head_splits", 1, choices=(1, 2, 4, 8, 16, 32), doc="CTAs along y sharing a token's q heads"),
         Param("q_unroll", 4, choices=(1, 2, 4, 8), doc="q rope passes whose loads are issued together"),
+        Param("q_nope_quant", False, doc="also quantise q_nope [T, H, 128] to fp8 e4m3 with one float32 scale per "
+                                         "head (act_quant_fp8's 1x128 recipe): the decode branch's w_uk input, "
+                                         "without a launch of its own"),
     )
     shape_params = ("kv_lora_rank", "rope_dim", "num_heads", "page_size", "cache_dtype", "quant_granularity",
                     "rope_layout", "gamma_dtype")
@@ -75,6 +80,9 @@ class RopeRMSNormQuant(Family):
                             f"rope_dim={p['rope_dim']}); lower head_splits")
             elif (hs // hpw) % p["q_unroll"]:
                 errs.append(f"q_unroll={p['q_unroll']} must divide the {hs // hpw} q passes per lane")
+            if p["q_nope_quant"] and hs % 2:
+                errs.append(f"q_nope_quant needs an even number of heads per split (a warp quantises two "
+                            f"128-wide heads per pass); got {hs}")
         if p["cache_dtype"] == "f8e4m3":
             g = p["quant_granularity"]
             if not (g == d or (g % 8 == 0 and p["rope_dim"] % g == 0)):
@@ -130,6 +138,15 @@ class RopeRMSNormQuant(Family):
             ScalarArg("layer_idx", "i32"),
             ScalarArg("eps", "f32"),
         ]
+        if p["q_nope_quant"]:
+            syms.update({s.name: s for s in [
+                Sym("snt", 64, 8, "q_nope token stride"), Sym("snh", 64, 8, "q_nope head stride"),
+                Sym("sft", 64, 16, "q_nope_fp8 token stride"), Sym("sfh", 64, 16, "q_nope_fp8 head stride"),
+                Sym("sst", 64, 1, "q_nope_scales token stride"), Sym("ssh", 64, 1, "q_nope_scales head stride")]})
+            args[-2:-2] = [
+                TensorArg("q_nope", "bf16", ("T", h, NOPE), ("snt", "snh", 1), 16, "in"),
+                TensorArg("q_nope_fp8", "f8e4m3", ("T", h, NOPE), ("sft", "sfh", 1), 16, "out"),
+                TensorArg("q_nope_scales", "f32", ("T", h), ("sst", "ssh"), 4, "out", "one scale per (token, head)")]
         # s_layer is NP*PS*D for a compact cache; any larger stride is fine too.
         return ArgLayout(syms, args)
 
@@ -140,13 +157,15 @@ class RopeRMSNormQuant(Family):
         return (max(1, -(-dims["T"] // p["tokens_per_cta"])), p["head_splits"], 1)
 
     def template_context(self, p, arch):
-        return dict(cache_cute=DTYPES[p["cache_dtype"]].cute, **p)
+        hs = p["num_heads"] // p["head_splits"]
+        nope_unroll = max(u for u in (1, 2, 4) if (hs // 2) % u == 0) if p["q_nope_quant"] else 1
+        return dict(cache_cute=DTYPES[p["cache_dtype"]].cute, nope_unroll=nope_unroll, **p)
 
     def kernel_name(self, p):
         g = f"_g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
         return (f"rope_rmsnorm_quant_{p['cache_dtype']}{g}_{p['rope_layout']}_h{p['num_heads']}"
                 f"_c{p['kv_lora_rank']}r{p['rope_dim']}_ps{p['page_size']}_gm{p['gamma_dtype']}"
-                f"_w{p['tokens_per_cta']}_s{p['head_splits']}_u{p['q_unroll']}")
+                f"_w{p['tokens_per_cta']}_s{p['head_splits']}_u{p['q_unroll']}" + ("_qn8" if p["q_nope_quant"] else ""))
 
     def scalar_default(self, p, name):
         return {"eps": 1e-6}.get(name)
@@ -231,6 +250,8 @@ class RopeRMSNormQuant(Family):
         )
         if cdt == "f8e4m3":
             inputs["kv_scales"] = rng.uniform(0.5, 2.0, (L, NP, ps, 1, self.nblocks(p))).astype(np.float32)
+        if p["q_nope_quant"]:
+            inputs["q_nope"] = round_to(rng.standard_normal((T, h, NOPE)) * rng.uniform(0.1, 10, (T, h, 1)), "bf16")
         return Problem(dict(T=T, B=B, NP=NP, L=L, P=P, MP=MP), inputs)
 
     def token_slots(self, p, inputs) -> list[tuple[int, int, int]]:
@@ -283,6 +304,9 @@ class RopeRMSNormQuant(Family):
         yr = self._rope(p, x[:, kv:], cos, sin)
         rows = np.concatenate([yn, yr], axis=1)
         out = {"q_rope_out": q_out, "rows": rows}
+        if p["q_nope_quant"]:
+            codes, sc = quantize_fp8_rows(inputs["q_nope"].astype(np.float32), NOPE)
+            out["q_nope_fp8"], out["q_nope_scales"] = codes, sc[..., 0]
         if p["cache_dtype"] == "f8e4m3":
             g = p["quant_granularity"]
             blk = rows.reshape(rows.shape[0], -1, g)
@@ -316,6 +340,11 @@ class RopeRMSNormQuant(Family):
             return torch.cat([a * c - bb * s, bb * c + a * s], dim=-1)
 
         t["q_rope_out"].copy_(rope(t["q_rope"].float(), cos[:, None, :], sin[:, None, :]))
+        if p["q_nope_quant"]:          # act_quant_fp8's recipe, on [T*H, 128] views
+            from ..act_quant_fp8 import family as act_quant
+            qa = dict(x=t["q_nope"].reshape(-1, NOPE), q=t["q_nope_fp8"].view(-1, NOPE),
+                      scales=t["q_nope_scales"].view(-1, 1))
+            act_quant.torch_impl(dict(group=NOPE), qa)
         x = t["kv_input"].float()
         c = x[:, :kv]
         yn = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + t["eps"]) * t["gamma"].float()
@@ -355,7 +384,10 @@ class RopeRMSNormQuant(Family):
             g = p["quant_granularity"]
             sc = t["kv_scales"][L, page, slot, 0]
             rows = (rows.view(rows.shape[0], -1, g) * sc[..., None]).view(rows.shape)
-        return {"q_rope_out": t["q_rope_out"].float(), "kv_cache_rows": rows}
+        out = {"q_rope_out": t["q_rope_out"].float(), "kv_cache_rows": rows}
+        if p["q_nope_quant"]:
+            out["q_nope"] = t["q_nope_fp8"].float() * t["q_nope_scales"][..., None]
+        return out
 
 
 def rope_freqs(positions: int, rope_dim: int, base: float = 10000.0) -> np.ndarray:
