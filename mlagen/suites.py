@@ -121,7 +121,8 @@ BENCH = {
         for c in ("bf16", "f8e4m3") for w in (2, 4, 8) for s in (1, 4)
     ] + [
         {"cache_dtype": c, "num_heads": h, "tokens_per_cta": w, "head_splits": s, "q_unroll": u, "q_nope_quant": True}
-        for c in ("bf16", "f8e4m3") for h, w, s, u in ((128, 4, 4, 4), (128, 8, 1, 4), (16, 4, 4, 1))
+        for c in ("bf16", "f8e4m3") for h, w, s, u in ((128, 4, 4, 4), (128, 8, 1, 4), (16, 4, 4, 1),
+                                                         (128, 1, 8, 2), (128, 1, 16, 1), (128, 2, 16, 2))
     ],
 }
 

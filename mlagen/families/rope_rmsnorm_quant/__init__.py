@@ -56,7 +56,7 @@ class RopeRMSNormQuant(Family):
                                          "without a launch of its own"),
     )
     shape_params = ("kv_lora_rank", "rope_dim", "num_heads", "page_size", "cache_dtype", "quant_granularity",
-                    "rope_layout", "gamma_dtype")
+                    "rope_layout", "gamma_dtype", "q_nope_quant")
     bucket_dims = ("T",)
 
     def prefer(self, kernels, dims):
