@@ -78,7 +78,7 @@ TEST["rope_rmsnorm_quant"] += [
     {"num_heads": 64},
     # q_nope quantised inside the rope launch: the branch then skips act_quant_fp8 for q_nope (three of its
     # five test configurations; the other two keep the separate launch)
-    {"q_nope_quant": True},
+    {"q_nope_quant": True, "tokens_per_cta": 2, "head_splits": 16, "q_unroll": 2},
     {"num_heads": 16, "cache_dtype": "f8e4m3", "quant_granularity": 64, "head_splits": 4, "q_unroll": 1,
      "q_nope_quant": True},
     {"num_heads": 64, "q_nope_quant": True},

@@ -78,3 +78,13 @@ def test_fp8_gemm_heuristic_takes_persistent_ctas_for_many_short_k_tiles():
     assert pick(M=4096, N=24576, K=1536, L=1)              # 6144 tiles, short K
     assert not pick(M=4096, N=7168, K=16384, L=1)          # long K: the epilogue is a small share
     assert not pick(M=256, N=1024, K=1024, L=1)            # under two waves
+
+
+def test_rope_heuristic_splits_heads_finer_when_it_also_quantises_q_nope():
+    from types import SimpleNamespace
+    fam = families.get("rope_rmsnorm_quant")
+    mk = lambda **kw: SimpleNamespace(params=fam.validate(dict(q_nope_quant=True, **kw)))
+    ks = [mk(tokens_per_cta=8, head_splits=1, q_unroll=4), mk(tokens_per_cta=4, head_splits=4, q_unroll=4),
+          mk(tokens_per_cta=2, head_splits=16, q_unroll=2)]
+    for T in (1, 4096):
+        assert fam.prefer(ks, dict(T=T)).params["head_splits"] == 16

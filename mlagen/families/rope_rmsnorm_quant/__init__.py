@@ -60,7 +60,13 @@ class RopeRMSNormQuant(Family):
     bucket_dims = ("T",)
 
     def prefer(self, kernels, dims):
-        """Decode-sized batches: split heads over 4 CTAs; large batches: whole tokens per warp, 8 warps."""
+        """Decode-sized batches: split heads over 4 CTAs; large batches: whole tokens per warp, 8 warps.
+        With q_nope_quant a warp also quantises 128 dims of each of its heads, so heads are split finer, to
+        8 per CTA at H=128 (H100 rows at 9bd43cb, B=1/32/128: 7.4/8.2/11.0 us with 16 splits against
+        11.2/13.3/14.4 with 4 and ~60 with one)."""
+        if any(k.params["q_nope_quant"] for k in kernels):
+            want = max(4, kernels[0].params["num_heads"] // 8)
+            return min(kernels, key=lambda k: (abs(k.params["head_splits"] - want), k.params["tokens_per_cta"]))
         if dims["T"] <= 1024:
             return min(kernels, key=lambda k: (abs(k.params["head_splits"] - 4), k.params["tokens_per_cta"]))
         return min(kernels, key=lambda k: (k.params["head_splits"], -k.params["tokens_per_cta"]))
