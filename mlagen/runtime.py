@@ -199,7 +199,8 @@ class Kernel:
         self.manifest = json.loads(mpath.read_text())
         self.name = self.manifest["kernel_name"]
         self.family = families.get(self.manifest["family"])
-        self.params = self.manifest["params"]
+        # parameters added after a bundle was built take their defaults (which keep the old behaviour)
+        self.params = {**{q.name: q.default for q in self.family.params}, **self.manifest["params"]}
         self.arch = self.manifest["arch"]
         self.layout = ArgLayout.from_json(self.manifest["layout"])
         if self.layout.param_sizes() != self.manifest["param_sizes"]:

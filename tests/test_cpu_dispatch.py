@@ -88,3 +88,17 @@ def test_rope_heuristic_splits_heads_finer_when_it_also_quantises_q_nope():
           mk(tokens_per_cta=2, head_splits=16, q_unroll=2)]
     for T in (1, 4096):
         assert fam.prefer(ks, dict(T=T)).params["head_splits"] == 16
+
+
+def test_bundles_from_before_a_new_parameter_load_with_its_default(tmp_path):
+    """A manifest without `persistent` (fp8_gemm bundles built before it existed) still sizes its grid."""
+    import shutil
+    b = mcompile.build("fp8_gemm", {"tile_m": 64, "tile_n": 64, "stages": 4}, "sm_90a", tmp_path / "new")
+    old = tmp_path / "old" / b.name
+    shutil.copytree(b, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["params"]["persistent"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    k = runtime.Kernel(old)
+    assert k.params["persistent"] is False
+    assert k.family.grid(k.params, dict(M=100, N=200, L=3)) == (2, 4, 3)
