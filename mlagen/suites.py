@@ -105,6 +105,9 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
         for h in (16, 128) for tn, st in ((32, 2), (32, 3))
+    ] + [
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": 32, "stages": 3, "dq_batch": q}
+        for h in (16, 128) for q in (2, 3)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

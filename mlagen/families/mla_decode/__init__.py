@@ -60,6 +60,9 @@ class MLADecodeFamily(Family):
         Param("stages", 2, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages (KV tiles in flight)"),
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
+        Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
+                                                      "loads are issued together before their conversion "
+                                                      "(9 and more spill at warpgroup 0's 96 registers)"),
     )
     shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
                     "attn_sink")
@@ -77,6 +80,7 @@ class MLADecodeFamily(Family):
             p["topk"] = self.param("topk").default
         if p["cache_dtype"] == "bf16":
             p["quant_granularity"] = self.param("quant_granularity").default
+            p["dq_batch"] = self.param("dq_batch").default          # unused without an fp8 cache
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -95,6 +99,9 @@ class MLADecodeFamily(Family):
 
     def constraints(self, p, arch):
         errs = []
+        if p["cache_dtype"] == "f8e4m3" and (p["tile_n"] * (D // 8) // 128) % p["dq_batch"]:
+            errs.append(f"dq_batch={p['dq_batch']} must divide the {p['tile_n'] * (D // 8) // 128} dequantisation "
+                        "pieces per thread of a tile")
         if self.smem_bytes(p) + 1024 > 232448:
             per = ("1152 B" if p["cache_dtype"] == "bf16" else
                    "(644 + 4 x 576/quant_granularity) B, + 2 dequantised tiles x tile_n x 1152 B")
@@ -189,17 +196,15 @@ class MLADecodeFamily(Family):
         return (x, dims["NPART"], dims["B"])
 
     def template_context(self, p, arch):
-        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3",
-                    dq_batch=self.DQ_BATCH, **p)
-
-    DQ_BATCH = 6       # fp8: dequantisation pieces per thread whose loads are issued together (18 per tile)
+        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3", **p)
 
     def kernel_name(self, p):
         s = f"_sparse{p['topk']}" if p["sparse"] else ""
         g = f"g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
         return (f"mla_decode_{p['cache_dtype']}{g}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
-                + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows"))
+                + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
+                + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else ""))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
