@@ -81,7 +81,7 @@ class TensorArg:
     shape: tuple[Dim, ...]
     stride: tuple[Dim, ...]
     align: int = 16          # byte alignment the kernel assumes for the base pointer
-    io: str = "in"           # 'in' | 'out' | 'inout'
+    io: str = "in"           # 'in' | 'out' | 'inout' | 'scratch' (allocated zeroed by the runtime when not passed)
     doc: str = ""
     host_only: bool = False  # reaches the kernel only through a TensorMapArg / CoordArg built from it
     kind: str = field(default="tensor", init=False)

@@ -248,7 +248,7 @@ class Kernel:
         for a in self.layout.args:
             if isinstance(a, TensorArg):
                 if kwargs.get(a.name) is None:
-                    if a.io == "out":
+                    if a.io in ("out", "scratch"):
                         missing_out.append(a)
                         continue
                     raise ArgumentError(f"{self.name}: missing input '{a.name}'")
@@ -274,7 +274,8 @@ class Kernel:
                                             "fixed by the inputs)")
                     shape.append(dims[d] if isinstance(d, str) else d)
                 if allocate:
-                    views[a.name] = as_device_array(_alloc_like(first, tuple(shape), a.dtype), a.name)
+                    views[a.name] = as_device_array(_alloc_like(first, tuple(shape), a.dtype, zero=a.io == "scratch"),
+                                                    a.name)
         if allocate or not missing_out:
             dims = self.layout.resolve(views, self.name)
         devs = {v.device for v in views.values() if isinstance(v, DeviceArray)}
@@ -331,7 +332,7 @@ class BoundLaunch:
             _check(err, f"cuLaunchKernel({self.kernel.name}, grid={self.grid}, block={self.kernel.block})")
 
     def outputs(self) -> dict:
-        return {a.name: self.views[a.name].owner for a in self.kernel.layout.tensors() if a.io != "in"}
+        return {a.name: self.views[a.name].owner for a in self.kernel.layout.tensors() if a.io in ("out", "inout")}
 
 
 _TMA_DTYPE = {"f8e4m3": "UINT8", "u8": "UINT8", "bf16": "BFLOAT16", "f16": "FLOAT16", "f32": "FLOAT32",
@@ -374,15 +375,16 @@ def encode_tensor_map(view: DeviceArray, arg: TensorMapArg, kernel: str = "kerne
     return struct.pack("<16Q", *[int(x) for x in tmap.opaque])
 
 
-def _alloc_like(ref: DeviceArray, shape: tuple, dtype: str):
+def _alloc_like(ref: DeviceArray, shape: tuple, dtype: str, zero: bool = False):
     owner = ref.owner
     mod = type(owner).__module__
     if mod.startswith("torch"):
         import torch
-        return torch.empty(shape, dtype=getattr(torch, DTYPES[dtype].torch), device=owner.device)
+        f = torch.zeros if zero else torch.empty
+        return f(shape, dtype=getattr(torch, DTYPES[dtype].torch), device=owner.device)
     if mod.startswith("cupy"):
         import cupy
-        return cupy.empty(shape, dtype=DTYPES[dtype].typestr)
+        return (cupy.zeros if zero else cupy.empty)(shape, dtype=DTYPES[dtype].typestr)
     raise ArgumentError(f"cannot allocate an output like a {type(owner).__name__}; pass the output arrays")
 
 

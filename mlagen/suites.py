@@ -39,6 +39,9 @@ TEST["fp8_gemm"] = [
     {"persistent": True},
     {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True},
     {"persistent": True, "epilogue": "direct", "m_scale_granularity": 128, "n_scale_granularity": 128},
+    {"split_k": 4, "tile_m": 64, "tile_n": 64, "stages": 6},
+    {"split_k": 2, "persistent": True},
+    {"split_k": 2, "epilogue": "direct", "tile_m": 64, "tile_n": 128, "m_scale_granularity": 128},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
@@ -98,7 +101,9 @@ BENCH = {
         dict(kw, persistent=True) for kw in (
             {"tile_m": 128, "tile_n": 128, "stages": 4}, {"tile_m": 128, "tile_n": 128, "stages": 5},
             {"tile_m": 64, "tile_n": 128, "stages": 6}, {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
-            {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2}, {"tile_m": 128, "tile_n": 64, "stages": 6})],
+            {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2}, {"tile_m": 128, "tile_n": 64, "stages": 6})] + [
+        {"tile_m": 64, "tile_n": tn, "stages": 6, "split_k": sk} for tn in (64, 128) for sk in (2, 4, 8)] + [
+        {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "split_k": 4, "persistent": True}],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))

@@ -40,6 +40,9 @@ class FP8Gemm(Family):
         Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
         Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled. Slower: "
                                     "ptxas serialises every wgmma (C7514: accumulators read inside a pipeline stage)"),
+        Param("split_k", 1, choices=(1, 2, 4, 8), doc="k splits per output tile (for few tiles and long K): the "
+                                                    "units meet in a float32 workspace and the last one of a tile "
+                                                    "adds them and stores it"),
         Param("persistent", False, doc="one wave of CTAs, each looping over output tiles; its TMA producer runs "
                                        "into the next tile while the MMA warpgroups finish the last"),
         Param("epilogue", "tma", choices=("tma", "direct"),
@@ -50,6 +53,8 @@ class FP8Gemm(Family):
 
     def constraints(self, p, arch):
         errs = []
+        if p["split_k"] > 1 and p["overlap"]:
+            errs.append("split_k > 1 is written for the serial mainloop; overlap=True is not supported with it")
         if p["persistent"] and p["overlap"]:
             errs.append("persistent=True is written for the serial mainloop; overlap=True is not supported with it")
         regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
@@ -146,17 +151,32 @@ class FP8Gemm(Family):
         args += [
             TensorArg("sa", "f32", ("MS", "KS", "L"), ("s1m", "s1k", "s1l"), 4, "in", "A scales"),
             TensorArg("sb", "f32", ("NS", "KS", "L"), ("s2n", "s2k", "s2l"), 4, "in", "B scales"),
-            ConstArg("mma_accumulate", 1, 0, "the TiledMma's accumulate flag (set in the kernel before use)"),
         ]
+        if p["split_k"] > 1:
+            syms["WSN"] = Sym("WSN", 32, doc="workspace floats: tiles x split_k x tile_m x tile_n")
+            syms["NTILES"] = Sym("NTILES", 32, doc="output tiles")
+            args += [TensorArg("workspace", "f32", ("WSN",), (1,), 16, "scratch", "k-split partial accumulators"),
+                     TensorArg("tile_counters", "i32", ("NTILES",), (1,), 4, "scratch",
+                               "k-split arrivals per tile (zero between launches: the last arrival resets it)")]
+        args.append(ConstArg("mma_accumulate", 1, 0, "the TiledMma's accumulate flag (set in the kernel before use)"))
         return ArgLayout(syms, args)
+
+    def derive_dims(self, p, dims):
+        if p["split_k"] == 1:
+            return {}
+        tiles = -(-dims["M"] // p["tile_m"]) * -(-dims["N"] // p["tile_n"]) * dims["L"]
+        return {"NTILES": tiles, "WSN": tiles * p["split_k"] * p["tile_m"] * p["tile_n"]}
 
     def block(self, p):
         return (128 * (1 + p["tile_m"] // 64), 1, 1)
 
     def grid(self, p, dims):
         tiles = (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
+        units = tiles[0] * tiles[1] * tiles[2] * p["split_k"]
         if p["persistent"]:       # one wave: the SMs the runtime found (dims["SMS"]) x resident CTAs per SM
-            return (max(1, min(tiles[0] * tiles[1] * tiles[2], dims.get("SMS", 132) * p["ctas_per_sm"])), 1, 1)
+            return (max(1, min(units, dims.get("SMS", 132) * p["ctas_per_sm"])), 1, 1)
+        if p["split_k"] > 1:      # one CTA per (tile, split) unit
+            return (units, 1, 1)
         return tiles
 
     def template_context(self, p, arch):
@@ -167,7 +187,8 @@ class FP8Gemm(Family):
         return (f"fp8_gemm_m{p['tile_m']}n{p['tile_n']}_s{p['stages']}"
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
-                + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else ""))
+                + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
+                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
