@@ -102,3 +102,11 @@ def test_bundles_from_before_a_new_parameter_load_with_its_default(tmp_path):
     k = runtime.Kernel(old)
     assert k.params["persistent"] is False
     assert k.family.grid(k.params, dict(M=100, N=200, L=3)) == (2, 4, 3)
+
+
+def test_fp8_gemm_heuristic_leaves_split_k_aside():
+    from types import SimpleNamespace
+    fam = families.get("fp8_gemm")
+    ks = [SimpleNamespace(params=fam.validate(dict(tile_m=64, tile_n=64, stages=6, ctas_per_sm=c, split_k=s)))
+          for c, s in ((2, 4), (1, 1), (2, 2))]
+    assert fam.prefer(ks, dict(M=64, N=2112, K=7168, L=1, SMS=132)).params["split_k"] == 1

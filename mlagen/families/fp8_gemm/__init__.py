@@ -86,7 +86,8 @@ class FP8Gemm(Family):
 
         def key(k):
             p = k.params
-            variant = (p["overlap"], p["epilogue"] != "tma", not p["scale_prefetch"])
+            # split_k last resort: correct, but slower than one unit per tile in every H100 row so far (b12b1c0)
+            variant = (p["split_k"] > 1, p["overlap"], p["epilogue"] != "tma", not p["scale_prefetch"])
             # persistent CTAs when there are more than two waves of tiles and K is short enough for the
             # epilogue to matter (H100 rows at 13540cd: 1.30x at 1024x512x128 x128 heads, 1.12x at
             # 4096x24576x1536, 1.10x at 1024x128x512 x128; 0.93x at K=16384; even at one or two waves)
