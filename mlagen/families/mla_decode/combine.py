@@ -161,7 +161,6 @@ class MLACombine(Family):
     def torch_impl(self, p, t):
         """The merge in torch float32 ops (the act_quant_fp8 recipe for an fp8 output)."""
         import torch
-        from ...numerics import FP8_E4M3_MAX
         lse2, o = t["lse_part"], t["o_part"]                      # (R, P, B), (R, 512, P, B)
         allv = lse2
         if p["attn_sink"]:
@@ -174,13 +173,11 @@ class MLACombine(Family):
         num = torch.einsum("rpb,rdpb->rdb", w, torch.where(w[:, None] > 0, o, torch.zeros_like(o)))
         out = torch.where(den[:, None] > 0, num / den[:, None], torch.zeros_like(num))
         t["lse"].copy_((mu + torch.log2(den)) * float(np.log(2.0)))
-        if p["out_dtype"] == "f8e4m3":
-            R, _, B = out.shape
-            blk = out.to(torch.bfloat16).float().view(R, DV // QBLOCK, QBLOCK, B)
-            scale = blk.abs().amax(2).clamp_min(1e-12) / FP8_E4M3_MAX
-            q = (blk * (1.0 / scale)[:, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
-            t["out"].copy_(q.view(R, DV, B).to(torch.float8_e4m3fn))
-            t["out_scales"].copy_(scale)
+        if p["out_dtype"] == "f8e4m3":     # act_quant_fp8's recipe on the bf16-rounded rows (B, R) x 512
+            from ..act_quant_fp8 import family as act_quant
+            rows = out.to(torch.bfloat16).permute(2, 0, 1).reshape(-1, DV)
+            act_quant.torch_impl(dict(group=QBLOCK), dict(x=rows, q=t["out"].permute(2, 0, 1).view(-1, DV),
+                                                          scales=t["out_scales"].permute(2, 0, 1).view(-1, DV // QBLOCK)))
         else:
             t["out"].copy_(out.to(torch.bfloat16))
 
