@@ -60,6 +60,11 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 64, "sparse": True, "topk": 256, "page_size": 32,
      "tile_n": 32, "stages": 2},
     {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "q_len": 2, "page_size": 16, "stages": 2},
+    # 64-token MMA tiles over 32-token code stages (the fp8 defaults), dense, per-row and sparse loads
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 128},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 32, "num_heads": 16, "page_size": 1, "dq_batch": 3},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True},
 ]
 # one combine kernel per (heads, q_len, sink) the decode bundles use, with bf16 output and with the fp8
 # output the decode branch's w_uv GEMM reads
@@ -111,9 +116,9 @@ BENCH = {
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": tn, "stages": st}
-        for h in (16, 128) for tn, st in ((32, 2), (32, 3))
+        for h in (16, 128) for tn, st in ((64, 2), (64, 3), (32, 3))
     ] + [
-        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": 32, "stages": 3, "dq_batch": q}
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": 64, "stages": 3, "dq_batch": q}
         for h in (16, 128) for q in (2, 3)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)

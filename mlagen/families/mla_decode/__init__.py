@@ -56,13 +56,14 @@ class MLADecodeFamily(Family):
         Param("topk", 2048, choices=(64, 128, 256, 512, 1024, 2048, 4096), doc="index list length (sparse)"),
         Param("causal", True, doc="q_len > 1: query s sees positions <= kv_len - q_len + s"),
         Param("attn_sink", False, doc="per-head sink logit added to the softmax denominator"),
-        Param("tile_n", 64, choices=(32, 64), doc="KV tokens per pipeline stage"),
-        Param("stages", 2, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages (KV tiles in flight)"),
+        Param("tile_n", 64, choices=(32, 64), doc="KV tokens per MMA tile (bf16: per pipeline stage)"),
+        Param("stages", 2, choices=(2, 3, 4, 5, 6, 8), doc="shared-memory pipeline stages (bf16: KV tiles in flight; "
+                                                          "fp8: half tiles of codes in flight)"),
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
         Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
-                                                      "loads are issued together before their conversion "
-                                                      "(9 and more spill at warpgroup 0's 96 registers)"),
+                                                      "loads are issued together before their conversion (at "
+                                                      "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
     )
     shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
                     "attn_sink")
@@ -72,9 +73,10 @@ class MLADecodeFamily(Family):
     def validate(self, given=None, arch="sm_90a"):
         given = dict(given or {})
         if given.get("cache_dtype") == "f8e4m3":
-            # an fp8 cache's defaults: two dequantised 64-token tiles do not fit beside Q and the codes
-            given.setdefault("tile_n", 32)
-            given.setdefault("stages", 3 if int(given.get("quant_granularity", 64)) >= 16 else 2)
+            # an fp8 cache's defaults: 64-token MMA tiles, and as many 32-token code stages as fit beside Q and
+            # the one dequantised tile (3, or 2 with 16 or more scales per token)
+            given.setdefault("tile_n", 64)
+            given.setdefault("stages", 3 if int(given.get("quant_granularity", 64)) >= 32 else 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
@@ -93,33 +95,40 @@ class MLADecodeFamily(Family):
         return min(kernels, key=lambda k: (-k.params["tile_n"], not k.params["page_loads"], k.params["stages"]))
 
     @staticmethod
-    def _pages_fit(p) -> bool:
-        ps, tn = p["page_size"], p["tile_n"]
+    def load_tile(p) -> int:
+        """Tokens per TMA stage: the MMA tile (bf16), or half of it (fp8 codes)."""
+        return p["tile_n"] // 2 if p["cache_dtype"] == "f8e4m3" else p["tile_n"]
+
+    @classmethod
+    def _pages_fit(cls, p) -> bool:
+        ps, tn = p["page_size"], cls.load_tile(p)
         return ps >= 8 and (ps % tn == 0 or tn % ps == 0)
 
     def constraints(self, p, arch):
         errs = []
-        if p["cache_dtype"] == "f8e4m3" and (p["tile_n"] * (D // 8) // 128) % p["dq_batch"]:
-            errs.append(f"dq_batch={p['dq_batch']} must divide the {p['tile_n'] * (D // 8) // 128} dequantisation "
-                        "pieces per thread of a tile")
+        if p["cache_dtype"] == "f8e4m3":
+            half = self.load_tile(p) * (D // 8) // 384      # pieces per thread of a half tile (all 384 dequantise)
+            if half % min(p["dq_batch"], half):
+                errs.append(f"dq_batch={p['dq_batch']} must divide the {half} dequantisation pieces per thread of a "
+                            "half tile")
         if self.smem_bytes(p) + 1024 > 232448:
-            per = ("1152 B" if p["cache_dtype"] == "bf16" else
-                   "(644 + 4 x 576/quant_granularity) B, + 2 dequantised tiles x tile_n x 1152 B")
+            per = ("tile_n x 1152 B" if p["cache_dtype"] == "bf16" else
+                   "tile_n/2 x (644 + 4 x 576/quant_granularity) B, + one dequantised tile of tile_n x 1152 B")
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
-                        f"(Q 72 KiB + stages x tile_n x {per})")
+                        f"(Q 72 KiB + stages x {per})")
         return errs
 
     def rows_per_box(self, p) -> int:
-        return min(p["page_size"], p["tile_n"]) if p["page_loads"] else 8
+        return min(p["page_size"], self.load_tile(p)) if p["page_loads"] else 8
 
     def smem_bytes(self, p):
         tn = p["tile_n"]
         if p["cache_dtype"] == "bf16":
             kv = p["stages"] * tn * D * 2
         else:
-            # two dequantised bf16 tiles, and per stage: the codes in 5 x 128-byte boxes per token (TMA
-            # destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
-            kv = 2 * tn * D * 2 + p["stages"] * tn * (640 + 4 * (D // p["quant_granularity"]) + 4)
+            # one dequantised bf16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
+            # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
+            kv = tn * D * 2 + p["stages"] * self.load_tile(p) * (640 + 4 * (D // p["quant_granularity"]) + 4)
         return 1024 + BM * D * 2 + kv + BM * tn * 2
 
     def smem_carveout(self, p):
