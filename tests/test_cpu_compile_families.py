@@ -1,11 +1,14 @@
 """AOT compile checks for rope_rmsnorm_quant, fp8_gemm and act_quant_fp8 (no GPU): the instructions the
 templates promise are in the PTX/SASS, and nothing spills."""
 import json
+import re
 
 import pytest
 
 from mlagen import compile as mcompile
 from mlagen import families, suites
+
+DEC = families.get("mla_decode")
 
 pytestmark = pytest.mark.compile
 
@@ -76,26 +79,33 @@ def test_act_quant_fp8_compiles_vectorised_without_spills(params, tmp_path_facto
 def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
     b, m, ptx = _build(tmp_path_factory, "mla_decode", params, "sm_90a")
     p = m["params"]
-    several_pages_per_tile = p["page_loads"] and p["page_size"] < p["tile_n"]
-    if several_pages_per_tile:
+    fp8 = p["cache_dtype"] == "f8e4m3"
+    several_pages_per_tile = p["page_loads"] and p["page_size"] < DEC.load_tile(p)
+    if fp8:
+        # known: ptxas keeps one 4-byte value on an 8-byte stack frame across warpgroup 0's setmaxnreg (one STL at
+        # entry, a few LDL); no local arrays, no spills in the loops
+        assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 8
+    elif several_pages_per_tile:
         # known: the producer's loop over several page boxes per tile gets a 256-byte stack frame from
         # ptxas (no spills; the GPU tests pass with it); one page per tile has none
         assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 256
     else:
         _no_spills(m)
-    assert "wgmma.mma_async" in ptx and ".bf16.bf16" in ptx, "bf16 warpgroup MMA for S and O"
+    mt = "f16" if fp8 else "bf16"      # an fp8 cache dequantises to f16 (exact codes, one HMUL2 by the scale)
+    assert "wgmma.mma_async" in ptx and f".{mt}.{mt}" in ptx, "16-bit warpgroup MMA for S and O"
     assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of Q and the KV pages"
     regs = (96, 200) if p["cache_dtype"] == "f8e4m3" else (40, 232)      # warpgroup 0 dequantises fp8
     assert (f"setmaxnreg.dec.sync.aligned.u32 \t{regs[0]};" in ptx
             and f"setmaxnreg.inc.sync.aligned.u32 \t{regs[1]};" in ptx)
     assert "ex2.approx" in ptx and "shfl.sync.bfly" in ptx, "online softmax"
-    if p["cache_dtype"] == "f8e4m3":
-        assert "cvt.rn.f16x2.e4m3x2" in ptx, "fp8 dequantisation"
+    if fp8:
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "mul.f16x2" in ptx, "fp8 dequantisation"
         assert "cp.async.ca.shared.global" in ptx and "cp.async.wait_group" in ptx, "scales staged by cp.async"
     sass = mcompile.sass(b / "kernel.cubin")
     if sass:
-        assert "HGMMA.64x256x16.F32.BF16" in sass, "O += P V, 256 value dims per warpgroup"
-        assert f"HGMMA.64x{p['tile_n'] // 2}x16.F32.BF16" in sass, "S = Q K^T, half the tile per warpgroup"
+        ty = r"\b(?!\.BF16)" if fp8 else r"\.BF16"       # SASS names f16 operands by no suffix
+        assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
+        assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile per warpgroup"
         assert "UTMALDG" in sass
 
 

@@ -22,11 +22,14 @@ def test_params_normalise_and_reject():
     assert DEC.validate({"page_size": 128})["page_loads"] is True
     with pytest.raises(ParamError, match="shared memory"):
         DEC.validate({"tile_n": 64, "stages": 3})
-    # fp8: two dequantised bf16 tiles beside Q, then 5/9-size code stages with their scales
-    assert DEC.validate({"tile_n": 32, "stages": 3, "cache_dtype": "f8e4m3"})
+    # fp8: one dequantised tile beside Q, then half-tile code stages (5/9 the bytes) with their scales
+    assert DEC.validate({"tile_n": 32, "stages": 4, "cache_dtype": "f8e4m3"})
+    assert DEC.validate({"tile_n": 64, "stages": 3, "cache_dtype": "f8e4m3", "quant_granularity": 32})
     f8 = DEC.validate({"cache_dtype": "f8e4m3", "quant_granularity": 8})      # defaults that fit
-    assert (f8["tile_n"], f8["stages"]) == (32, 2)
-    for bad in ({"tile_n": 64, "stages": 2}, {"tile_n": 32, "stages": 4}, {"quant_granularity": 8, "stages": 3}):
+    assert (f8["tile_n"], f8["stages"]) == (64, 2) and DEC.load_tile(f8) == 32
+    with pytest.raises(ParamError, match="dq_batch"):
+        DEC.validate({"cache_dtype": "f8e4m3", "tile_n": 32, "dq_batch": 2})   # 3 pieces per thread a half tile
+    for bad in ({"tile_n": 64, "stages": 4}, {"quant_granularity": 16, "stages": 3}, {"quant_granularity": 8, "stages": 3}):
         with pytest.raises(ParamError, match="shared memory"):
             DEC.validate({"cache_dtype": "f8e4m3", **bad})
     with pytest.raises(ParamError, match="shared memory"):

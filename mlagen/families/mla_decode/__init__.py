@@ -73,10 +73,10 @@ class MLADecodeFamily(Family):
     def validate(self, given=None, arch="sm_90a"):
         given = dict(given or {})
         if given.get("cache_dtype") == "f8e4m3":
-            # an fp8 cache's defaults: 64-token MMA tiles, and as many 32-token code stages as fit beside Q and
-            # the one dequantised tile (3, or 2 with 16 or more scales per token)
+            # an fp8 cache's defaults: 64-token MMA tiles over two 32-token code stages (one tile in flight while
+            # the last one is multiplied; a third stage was 2-7% slower in every H200 row at 6b7752d)
             given.setdefault("tile_n", 64)
-            given.setdefault("stages", 3 if int(given.get("quant_granularity", 64)) >= 32 else 2)
+            given.setdefault("stages", 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
