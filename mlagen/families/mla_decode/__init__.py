@@ -19,10 +19,11 @@ one box per token row for the last, partial tile and for sparse lists (rows past
 token and are masked, so unwritten cache slots are never read).  Warpgroups 1 and 2 each compute S for
 half the tile's tokens (wgmma, K-major Q and K), exchange row maxima through shared memory, write P (bf16)
 and each accumulate O for half of the 512 value dims (wgmma with V as an MN-major view of the same
-K tile).  With an fp8 cache, warpgroup 0 also dequantises: the codes arrive by TMA and their float32 scales
-by cp.async, ``stages - 1`` tiles ahead, and it writes each tile into one of two bf16 stages that the MMA
-warpgroups read through a second mbarrier pipeline (``tile_n`` 32: two 64-token bf16 stages do not fit
-beside Q).  With ``num_partitions > 1`` every CTA writes its normalised partial O and LSE (log2 units) to
+K tile).  With an fp8 cache the codes arrive by TMA and their float32 scales by cp.async in stages of half
+a tile (``stages`` of them in flight); at the start of each tile all three warpgroups dequantise its two
+stages into the one f16 tile (codes convert exactly to f16, one f16 multiply by the scale) between two CTA
+barriers, and the MMAs run in f16 (Q is converted to f16 in place once per CTA, so |q| must stay below
+65504).  With ``num_partitions > 1`` every CTA writes its normalised partial O and LSE (log2 units) to
 a workspace and the ``mla_combine`` kernel merges them; with one partition the decode kernel writes
 the bf16 output and LSE itself.  :class:`MLADecode` is the call that does both.
 """
