@@ -121,7 +121,9 @@ class TensorMapArg:
     ``of`` names the (usually host-only) tensor argument it maps.  The map's dimensions are the tensor's
     modes innermost first (the tensor's last mode must have stride 1); ``box`` is in that same order.
     ``swizzle`` is in bytes (0, 32, 64, 128); ``l2_promotion`` in bytes (0, 64, 128, 256).  These must be
-    exactly what the template's TMA atom assumes.
+    exactly what the template's TMA atom assumes.  ``fixed`` pins tensor modes at a scalar argument's value
+    (``((2, "layer_idx"),)``): the map then covers that slice, a lower-rank tensor (``modes`` and ``box``
+    name only the other modes), e.g. the 2-d map that TMA gather4 requires.
     """
     name: str
     of: str
@@ -130,6 +132,7 @@ class TensorMapArg:
     l2_promotion: int = 256
     doc: str = ""
     modes: tuple[int, ...] = ()   # tensor modes in TMA order, innermost first (default: last mode first)
+    fixed: tuple[tuple[int, str], ...] = ()   # (mode, scalar argument) pairs the map is sliced at
     kind: str = field(default="tensormap", init=False)
 
     def ctype(self, syms=None) -> type:
@@ -203,7 +206,8 @@ class ArgLayout:
             elif kind == "scalar":
                 args.append(ScalarArg(**a))
             elif kind == "tensormap":
-                args.append(TensorMapArg(**{**a, "box": tuple(a["box"]), "modes": tuple(a.get("modes", ()))}))
+                args.append(TensorMapArg(**{**a, "box": tuple(a["box"]), "modes": tuple(a.get("modes", ())),
+                                            "fixed": tuple((int(m), str(n)) for m, n in a.get("fixed", ()))}))
             elif kind == "coord":
                 args.append(CoordArg(**a))
             elif kind == "const":
@@ -355,6 +359,8 @@ def _arg_to_json(a: Arg) -> dict:
     for k in ("shape", "stride", "box", "modes"):
         if k in d:
             d[k] = list(d[k])
+    if "fixed" in d:
+        d["fixed"] = [list(f) for f in d["fixed"]]
     return d
 
 

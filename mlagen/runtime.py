@@ -317,7 +317,7 @@ class BoundLaunch:
         torch_inputs = any(isinstance(v, DeviceArray) and type(v.owner).__module__.startswith("torch")
                            for v in views.values())
         self.stream = drv.CUstream(stream_handle(stream, device, torch_inputs))
-        tmaps = {a.name: encode_tensor_map(views[a.of], a, kernel.name)
+        tmaps = {a.name: encode_tensor_map(views[a.of], a, kernel.name, views)
                  for a in kernel.layout.params() if isinstance(a, TensorMapArg)}
         self.params, self._keep = kernel.layout.pack(views, tmaps)
         self.empty = grid[0] * grid[1] * grid[2] == 0
@@ -339,10 +339,23 @@ _TMA_DTYPE = {"f8e4m3": "UINT8", "u8": "UINT8", "bf16": "BFLOAT16", "f16": "FLOA
               "i32": "INT32", "u32": "UINT32", "i64": "INT64"}
 
 
-def encode_tensor_map(view: DeviceArray, arg: TensorMapArg, kernel: str = "kernel") -> bytes:
-    """cuTensorMapEncodeTiled for ``view`` as ``arg`` declares it; returns the 128 descriptor bytes."""
+def encode_tensor_map(view: DeviceArray, arg: TensorMapArg, kernel: str = "kernel",
+                      values: Mapping[str, Any] | None = None) -> bytes:
+    """cuTensorMapEncodeTiled for ``view`` as ``arg`` declares it; returns the 128 descriptor bytes.
+    ``values`` holds the scalar arguments that ``arg.fixed`` slices the tensor at."""
     drv = _driver()
     isz = DTYPES[view.dtype].itemsize
+    ptr = view.ptr
+    kept = list(range(len(view.shape)))
+    for m, scalar in arg.fixed:
+        i = int((values or {})[scalar])
+        if not 0 <= i < int(view.shape[m]):
+            raise ArgumentError(f"{kernel}: {scalar}={i} is outside '{arg.of}' mode {m} (extent {view.shape[m]})")
+        ptr += i * int(view.strides[m]) * isz
+        kept.remove(m)
+    if arg.fixed:      # the slice: same element type, the remaining modes
+        view = DeviceArray(ptr, tuple(view.shape[m] for m in kept), tuple(view.strides[m] for m in kept),
+                           view.dtype, view.device, view.owner)
     rank = len(view.shape)
     modes = list(arg.modes) or list(range(rank - 1, -1, -1))
     inner = modes[0]

@@ -65,6 +65,21 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 32, "num_heads": 16, "page_size": 1, "dq_batch": 3},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "attn_sink": True},
+    # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
+    {"mma": "warp"},
+    {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
+    {"mma": "warp", "num_heads": 16, "q_len": 2, "attn_sink": True, "page_size": 16},
+    {"mma": "warp", "cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True,
+     "topk": 128, "attn_sink": True},
+]
+# the sm_100a (Blackwell) variant: warp-level MMA and TMA gather4 token-row loads; compile-verified
+# (tests/test_cpu_compile_families.py), no Blackwell GPU here
+SM100_MLA_DECODE = [
+    {},
+    {"num_heads": 64, "sparse": True, "topk": 256},
+    {"num_heads": 16, "q_len": 2, "sparse": True, "topk": 128, "page_size": 1, "attn_sink": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True},
 ]
 # one combine kernel per (heads, q_len, sink) the decode bundles use, with bf16 output and with the fp8
 # output the decode branch's w_uv GEMM reads

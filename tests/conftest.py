@@ -49,10 +49,22 @@ def bundles_root() -> Path:
     return Path(os.environ.get("MLAGEN_BUNDLES", "build/gpu/test"))
 
 
+def _device_arch() -> str | None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability()
+            return {9: "sm_90a", 10: "sm_100a"}.get(major)
+    except Exception:
+        pass
+    return None
+
+
 def gpu_bundles(family: str) -> list[Path]:
+    """The family's bundles under the bundles root that this GPU runs (those of its architecture)."""
     from mlagen.runtime import find_bundles
     root = bundles_root()
-    found = find_bundles(root, family) if root.exists() else []
+    found = find_bundles(root, family, _device_arch()) if root.exists() else []
     if not found and os.environ.get("MLAGEN_REQUIRE_BUNDLES") == "1":
         raise RuntimeError(f"no {family} bundles under {root}: run scripts/build_gpu_suite.py")
     return found

@@ -59,6 +59,18 @@ def test_synthetic_layout_json_round_trip():
     assert back.symbols["L"].width == 64 and back.symbols["sa"].divisibility == 8
 
 
+def test_fixed_mode_tensor_map_round_trips():
+    """sm_100a's gather4 map of one cache layer: a tensor map sliced at a scalar argument."""
+    from mlagen import families
+    dec = families.get("mla_decode")
+    lay = dec.layout(dec.validate({"sparse": True, "topk": 256, "num_heads": 64}, arch="sm_100a"))
+    back = ArgLayout.from_json(json.loads(json.dumps(lay.to_json())))
+    assert back == lay and back.param_sizes() == lay.param_sizes()
+    g = back.arg("tma_kvg")
+    assert g.fixed == ((2, "layer_idx"),) and g.box == (64, 1) and g.modes == (1, 0)
+    assert "tma_kvg" not in [a.name for a in dec.layout(dec.validate({})).args]      # Hopper has none
+
+
 def test_layout_rejects_undeclared_symbol_and_duplicates():
     with pytest.raises(ValueError, match="'Q'"):
         ArgLayout({}, [TensorArg("x", "f32", ("Q",), (1,))])

@@ -185,3 +185,19 @@ def test_mla_decode_rejects_bad_input(rng):
         plan.bind(**dict(t, q=t["q"].float()), **kw, num_partitions=1)
     with pytest.raises(ArgumentError, match="mla_combine"):
         plan.bind(**t, **kw, num_partitions=4)
+
+
+def test_tensor_map_fixed_mode_is_the_slice():
+    """TensorMapArg.fixed (the 2-d map of one cache layer that sm_100a's gather4 loads read) encodes exactly the
+    map of that layer's slice, and rejects a layer outside the cache."""
+    import torch
+    from mlagen.abi import TensorMapArg
+    kv = torch.randn(3, 256, 576, device="cuda").to(torch.bfloat16)          # [layers, slots, 576]
+    view = runtime.as_device_array(kv.permute(1, 2, 0), "kv")                  # (slots, 576, layers) as the ABI
+    fixed = TensorMapArg("tma_kvg", "kv", (64, 1), swizzle=128, modes=(1, 0), fixed=((2, "layer_idx"),))
+    plain = TensorMapArg("tma_kvg", "kv", (64, 1), swizzle=128, modes=(1, 0))
+    for layer in range(3):
+        want = runtime.encode_tensor_map(runtime.as_device_array(kv[layer], "kv"), plain)
+        assert runtime.encode_tensor_map(view, fixed, values={"layer_idx": layer}) == want
+    with pytest.raises(ArgumentError, match="layer_idx=3"):
+        runtime.encode_tensor_map(view, fixed, values={"layer_idx": 3})

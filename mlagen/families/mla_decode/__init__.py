@@ -62,17 +62,27 @@ class MLADecodeFamily(Family):
                                                           "fp8: half tiles of codes in flight)"),
         Param("page_loads", True, doc="full tiles load page boxes (one TMA per 64 dims of up to tile_n "
                                       "tokens); False: one TMA per token row everywhere"),
+        Param("mma", "wgmma", choices=("wgmma", "warp"),
+              doc="tensor-core instruction: Hopper warpgroup MMA (sm_90a only), or warp-level mma.sync (ldmatrix "
+                  "fragments; sm_100a's variant, and testable on Hopper)"),
+        Param("row_loads", "tma", choices=("tma", "gather4"),
+              doc="per-token-row KV loads (sparse lists, partial tiles, small pages): one TMA per row, or TMA "
+                  "gather4, four cache rows per instruction (sm_100a and later)"),
         Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
                                                       "loads are issued together before their conversion (at "
                                                       "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
     )
     shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
                     "attn_sink")
-    arches = ("sm_90a",)
+    arches = ("sm_90a", "sm_100a")
     bucket_dims = ("B", "C")
 
     def validate(self, given=None, arch="sm_90a"):
         given = dict(given or {})
+        if arch != "sm_90a":
+            # Blackwell has no wgmma: warp-level MMA, and gather4 for the token-row loads
+            given.setdefault("mma", "warp")
+            given.setdefault("row_loads", "gather4")
         if given.get("cache_dtype") == "f8e4m3":
             # an fp8 cache's defaults: 64-token MMA tiles over two 32-token code stages (one tile in flight while
             # the last one is multiplied; a third stage was 2-7% slower in every H200 row at 6b7752d)
@@ -107,6 +117,10 @@ class MLADecodeFamily(Family):
 
     def constraints(self, p, arch):
         errs = []
+        if p["mma"] == "wgmma" and arch != "sm_90a":
+            errs.append(f"mma=wgmma needs sm_90a (Hopper's warpgroup MMA); {arch} takes mma=warp")
+        if p["row_loads"] == "gather4" and arch == "sm_90a":
+            errs.append("row_loads=gather4 needs sm_100a (TMA gather4 is Blackwell's); sm_90a takes row_loads=tma")
         if p["cache_dtype"] == "f8e4m3":
             half = self.load_tile(p) * (D // 8) // 384      # pieces per thread of a half tile (all 384 dequantise)
             if half % min(p["dq_batch"], half):
@@ -126,6 +140,8 @@ class MLADecodeFamily(Family):
         tn = p["tile_n"]
         if p["cache_dtype"] == "bf16":
             kv = p["stages"] * tn * D * 2
+            if p["row_loads"] == "gather4":
+                kv += p["stages"] * tn * 4          # the rows' cache slots, read four at a time by gather4
         else:
             # one dequantised bf16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
@@ -171,6 +187,12 @@ class MLADecodeFamily(Family):
             CoordArg("coord_kv", "kv"),
             TensorMapArg("tma_kv1", "kv", (cw, 1, 1), swizzle=sw, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_kv1", "kv"),
+        ]
+        if p["row_loads"] == "gather4":
+            # gather4 wants a 2-d map: this layer's slots x 576, one row per box row (4 rows an instruction)
+            args.append(TensorMapArg("tma_kvg", "kv", (cw, 1), swizzle=sw, l2_promotion=256, modes=(1, 0),
+                                     fixed=((2, "layer_idx"),)))
+        args += [
             TensorArg("page_table", "i32", ("B", "MP"), ("spt", 1), 4, "in"),
             TensorArg("kv_lengths", "i32", ("B",), (1,), 4, "in", "valid cache tokens per sequence (new ones included)"),
         ]
@@ -212,6 +234,7 @@ class MLADecodeFamily(Family):
         s = f"_sparse{p['topk']}" if p["sparse"] else ""
         g = f"g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
         return (f"mla_decode_{p['cache_dtype']}{g}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
+                + ("_mmawarp" if p["mma"] == "warp" else "") + ("_g4" if p["row_loads"] == "gather4" else "")
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else ""))
