@@ -156,6 +156,25 @@ def sm_count(device: int = 0) -> int:
     return _SM_COUNT[device]
 
 
+_ARCH: dict[int, str] = {}
+
+
+def device_arch(device: int = 0) -> str:
+    """The cubin architecture CUDA device ``device`` runs: ``sm_{major}{minor}a`` (cached)."""
+    if device not in _ARCH:
+        drv = _driver()
+        _use_device(device)
+        err, dev = drv.cuDeviceGet(device)
+        _check(err, "cuDeviceGet")
+        cc = []
+        for a in ("MAJOR", "MINOR"):
+            err, v = drv.cuDeviceGetAttribute(getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_{a}"), dev)
+            _check(err, "cuDeviceGetAttribute")
+            cc.append(int(v))
+        _ARCH[device] = f"sm_{cc[0]}{cc[1]}a"
+    return _ARCH[device]
+
+
 def device_sms(device: int) -> int:
     """sm_count, or an H100's 132 where no driver answers (a host without a GPU choosing or sizing)."""
     try:
@@ -483,6 +502,15 @@ class Dispatcher:
                 errors.append(f"{k.name}: {e}")
         if not ok:
             raise ArgumentError("no kernel accepts this call:\n  " + "\n  ".join(errors))
+        try:
+            arch = device_arch(device)   # arch-specific cubins (sm_90a, sm_100a) run on that architecture only
+        except Exception:
+            arch = None                  # no driver answers: a host without a GPU, choosing for a table or a test
+        runs = [k for k in ok if arch is None or k.arch == arch]
+        if not runs:
+            raise ArgumentError(f"no kernel for this GPU ({arch}) accepts this call: the candidates are built for "
+                                f"{sorted({k.arch for k in ok})}")
+        ok = runs
         bucket = self.family.table_key(ok[0].params, dims)
         entry = self._table_for_device(device).get(bucket) if self._tables else None
         chosen = next((k for k in ok if entry and k.name == entry.get("kernel")), None)

@@ -75,13 +75,17 @@ def test_act_quant_fp8_compiles_vectorised_without_spills(params, tmp_path_facto
     assert "div.rn.f32" in ptx or "rcp.rn.f32" in ptx     # 1/scale correctly rounded, as the reference
 
 
-@pytest.mark.parametrize("params", suites.TEST["mla_decode"], ids=lambda v: json.dumps(v, sort_keys=True))
-def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
-    b, m, ptx = _build(tmp_path_factory, "mla_decode", params, "sm_90a")
+def _check_mla_decode(b, m, ptx):
+    """What an mla_decode bundle's PTX / SASS must hold, for either MMA and either row-load path."""
     p = m["params"]
     fp8 = p["cache_dtype"] == "f8e4m3"
+    warp = p["mma"] == "warp"
     several_pages_per_tile = p["page_loads"] and p["page_size"] < DEC.load_tile(p)
-    if fp8:
+    if warp:
+        # known: at the 168-register launch cap ptxas keeps some mma.sync fragments on the stack (the warpgroup
+        # MMA reads its operands from shared memory and has none); no local arrays
+        assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 1024
+    elif fp8:
         # known: ptxas keeps one 4-byte value on an 8-byte stack frame across warpgroup 0's setmaxnreg (one STL at
         # entry, a few LDL); no local arrays, no spills in the loops
         assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 8
@@ -92,8 +96,19 @@ def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
     else:
         _no_spills(m)
     mt = "f16" if fp8 else "bf16"      # an fp8 cache dequantises to f16 (exact codes, one HMUL2 by the scale)
-    assert "wgmma.mma_async" in ptx and f".{mt}.{mt}" in ptx, "16-bit warpgroup MMA for S and O"
+    if warp:
+        assert "wgmma" not in ptx and f"mma.sync.aligned.m16n8k16.row.col.f32.{mt}.{mt}.f32" in ptx, "warp MMA"
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx, \
+            "operands by ldmatrix, V transposed"
+    else:
+        assert "wgmma.mma_async" in ptx and f".{mt}.{mt}" in ptx, "16-bit warpgroup MMA for S and O"
     assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of Q and the KV pages"
+    if p["row_loads"] == "gather4":
+        assert "cp.async.bulk.tensor.2d.shared::cta.global.tile::gather4" in ptx, "token rows four at a time"
+        g = [a for a in m["layout"]["args"] if a["name"] == "tma_kvg"]
+        assert g and g[0]["fixed"] == [[2, "layer_idx"]], "the gather4 map: one layer's (slots, 576) slice"
+    else:
+        assert "gather4" not in ptx
     regs = (96, 200) if p["cache_dtype"] == "f8e4m3" else (40, 232)      # warpgroup 0 dequantises fp8
     assert (f"setmaxnreg.dec.sync.aligned.u32 \t{regs[0]};" in ptx
             and f"setmaxnreg.inc.sync.aligned.u32 \t{regs[1]};" in ptx)
@@ -104,9 +119,44 @@ def test_mla_decode_uses_tma_and_bf16_wgmma(params, tmp_path_factory):
     sass = mcompile.sass(b / "kernel.cubin")
     if sass:
         ty = r"\b(?!\.BF16)" if fp8 else r"\.BF16"       # SASS names f16 operands by no suffix
-        assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
-        assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile per warpgroup"
+        if warp:
+            assert re.search(r"HMMA\.16816\.F32" + ty, sass) and "LDSM" in sass
+        else:
+            assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
+            assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile each"
         assert "UTMALDG" in sass
+        if p["row_loads"] == "gather4":
+            assert "UTMALDG.2D.GATHER4" in sass
+
+
+@pytest.mark.parametrize("params", suites.TEST["mla_decode"], ids=lambda v: json.dumps(v, sort_keys=True))
+def test_mla_decode_uses_tma_and_tensor_core_mma(params, tmp_path_factory):
+    _check_mla_decode(*_build(tmp_path_factory, "mla_decode", params, "sm_90a"))
+
+
+@pytest.mark.parametrize("params", suites.SM100_MLA_DECODE, ids=lambda v: json.dumps(v, sort_keys=True))
+def test_mla_decode_sm100a_gather4_compiles(params, tmp_path_factory):
+    """Blackwell: no wgmma, so warp-level MMA; token rows (sparse lists, partial tiles, small pages) by TMA
+    gather4.  Compile-verified only: this workplace has no sm_100 GPU."""
+    b, m, ptx = _build(tmp_path_factory, "mla_decode", params, "sm_100a")
+    assert m["params"]["mma"] == "warp" and m["params"]["row_loads"] == "gather4"
+    _check_mla_decode(b, m, ptx)
+
+
+@pytest.mark.parametrize("params", [{"num_heads": 64}, {"num_heads": 16, "q_len": 2, "attn_sink": True,
+                                                        "out_dtype": "f8e4m3"}], ids=json.dumps)
+def test_mla_combine_compiles_for_sm100a(params, tmp_path_factory):
+    """The split-KV combine beside the sm_100a decode (CUDA cores only: the same source builds for both)."""
+    b, m, ptx = _build(tmp_path_factory, "mla_combine", params, "sm_100a")
+    _no_spills(m)
+    assert "ld.global.v4.f32" in ptx or "ld.global.v4.b32" in ptx
+
+
+def test_mla_decode_rejects_mixed_arch_choices():
+    with pytest.raises(families.ParamError, match="wgmma needs sm_90a"):
+        DEC.validate({"mma": "wgmma"}, arch="sm_100a")
+    with pytest.raises(families.ParamError, match="gather4 needs sm_100a"):
+        DEC.validate({"row_loads": "gather4"}, arch="sm_90a")
 
 
 @pytest.mark.parametrize("params", suites.TEST["mla_combine"], ids=lambda v: json.dumps(v, sort_keys=True))

@@ -101,9 +101,11 @@ class MLADecodeFamily(Family):
         return p
 
     def prefer(self, kernels, dims):
-        """Without a tuned entry: 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where
-        both ran), page-box loads, then the fewest stages that hold the tile."""
-        return min(kernels, key=lambda k: (-k.params["tile_n"], not k.params["page_loads"], k.params["stages"]))
+        """Without a tuned entry: warpgroup MMA where there is one (the warp-MMA build is sm_100a's; on Hopper it
+        is a test vehicle), 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where both ran),
+        page-box loads, then the fewest stages that hold the tile."""
+        return min(kernels, key=lambda k: (k.params.get("mma", "wgmma") != "wgmma", -k.params["tile_n"],
+                                           not k.params["page_loads"], k.params["stages"]))
 
     @staticmethod
     def load_tile(p) -> int:
