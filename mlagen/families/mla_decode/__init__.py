@@ -1,4 +1,5 @@
-"""mla_decode: split-KV MLA decode over a paged latent cache (Hopper, TMA + wgmma), and its combine step.
+"""mla_decode: split-KV MLA decode over a paged latent cache (Hopper: TMA + wgmma; Blackwell: TMA gather4 +
+warp-level MMA), and its combine step.
 
 For sequence b with ``kv_len = kv_lengths[b] + kv_len_offset`` cached tokens (the q_len new ones included:
 ``kv_len_offset`` = q_len when the lengths count only the tokens before this step), query s and
@@ -25,7 +26,8 @@ stages into the one f16 tile (codes convert exactly to f16, one f16 multiply by 
 barriers, and the MMAs run in f16 (Q is converted to f16 in place once per CTA, so |q| must stay below
 65504).  With ``num_partitions > 1`` every CTA writes its normalised partial O and LSE (log2 units) to
 a workspace and the ``mla_combine`` kernel merges them; with one partition the decode kernel writes
-the bf16 output and LSE itself.  :class:`MLADecode` is the call that does both.
+the bf16 output and LSE itself.  sm_100a (which has no wgmma) builds ``mma="warp"`` (mma.sync on ldmatrix
+fragments) and ``row_loads="gather4"`` (token rows four per TMA gather4, through a 2-d map of the layer).  :class:`MLADecode` is the call that does both.
 """
 from __future__ import annotations
 
