@@ -486,10 +486,13 @@ class Dispatcher:
             return self._tables[name]
         return next(iter(self._tables.values()), {})   # another device's table beats none
 
-    def select(self, kwargs: Mapping[str, Any]) -> Kernel:
+    def select(self, kwargs: Mapping[str, Any], hint: Mapping[str, int] | None = None) -> Kernel:
+        """The kernel for the call ``kwargs``.  ``hint`` adds sizes the arguments do not show (mla_decode's
+        context length C) to the dims the table bucket and the heuristic see."""
         sig = tuple(sorted((n, tuple(getattr(v, "shape", ())), str(getattr(v, "dtype", type(v).__name__)),
                             tuple(v.stride()) if hasattr(v, "stride") and callable(v.stride) else None)
                            for n, v in kwargs.items() if not isinstance(v, (int, float))))
+        sig += tuple(sorted((hint or {}).items()))
         if sig in self._cache:
             return self._cache[sig]
         errors, ok, dims, device = [], [], None, 0
@@ -511,6 +514,7 @@ class Dispatcher:
             raise ArgumentError(f"no kernel for this GPU ({arch}) accepts this call: the candidates are built for "
                                 f"{sorted({k.arch for k in ok})}")
         ok = runs
+        dims = {**dims, **(hint or {})}
         bucket = self.family.table_key(ok[0].params, dims)
         entry = self._table_for_device(device).get(bucket) if self._tables else None
         chosen = next((k for k in ok if entry and k.name == entry.get("kernel")), None)

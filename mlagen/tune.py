@@ -127,6 +127,21 @@ def ask_valid(study, fam, sp: Mapping[str, list], fixed: Mapping[str, Any] | Non
                 streak = 0
 
 
+def _build_companions(fam, params: list[dict], arch: str, out: Path, log=print) -> None:
+    """Compile, once each, the other kernels the candidates' calls need (e.g. mla_decode's combine)."""
+    from .compile import build
+    done = set()
+    for p in params:
+        for cfam, cp in fam.tune_companions(p):
+            key = json.dumps([cfam, cp], sort_keys=True)
+            if key not in done:
+                done.add(key)
+                try:
+                    build(cfam, cp, arch, out)
+                except Exception as e:      # the candidates then fail at measure time with the reason
+                    log(f"companion {cfam} {cp}: compile failed: {str(e)[:200]}")
+
+
 def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out_dir: str | os.PathLike,
         fixed: Mapping[str, Any] | None = None, arch: str = "sm_90a", storage: str | None = None,
         workers: int = 1, seed: int | None = None, log=print) -> Path:
@@ -153,6 +168,7 @@ def ask(family: str, shape: Mapping[str, int], trials: int, study_name: str, out
     invalid = counter["invalid"]
     results = build_many([(family, p, arch) for _, p in pending], wdir / "bundles", workers=workers,
                          progress=False)
+    _build_companions(fam, [p for _, p in pending], arch, wdir / "bundles", log)
     spec = []
     for (tr, p), (_, bdir, err) in zip(pending, results):
         num = tr.number
@@ -330,6 +346,16 @@ def _worker(family: str, warmup: int, reps: int) -> int:
             if os.environ.get("MLAGEN_TUNE_FAULT") == str(t["trial"]):   # test hook: simulate a crash
                 os._exit(3)
             k = runtime.load(t["bundle"])
+            res = fam.tune_measure(k, t["shape"], timer, cache)
+            if res is not None:       # a family whose call is several launches measures itself
+                ok = res["err"] <= tol
+                msg = ({"trial": t["trial"], "status": "ok", "time_us": res["time_us"], "err": res["err"],
+                        "gbps": res["bytes"] / (res["time_us"] * 1e-6) / 1e9, "device": dev,
+                        "dims": json.dumps(dict(res["dims"]), sort_keys=True)} if ok else
+                       {"trial": t["trial"], "status": "failed", "err": res["err"],
+                        "reason": f"wrong result: rel err {res['err']:.3g} > {tol}"})
+                print(json.dumps(msg), flush=True)
+                continue
             key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
             if key not in cache:
                 _, base = problem_inputs(fam, k, t["shape"], rng)
@@ -391,6 +417,7 @@ def tune_online(family: str, shape: Mapping[str, int], trials: int, study_name: 
                 from .compile import build
                 try:
                     bdir = build(family, p, arch, Path(out_dir) / study_name / "bundles")
+                    _build_companions(fam, [p], arch, Path(out_dir) / study_name / "bundles", log)
                 except Exception as e:   # CompileError, DSL missing: fail this trial, go on
                     tr.set_user_attr("failure", f"compile failed: {type(e).__name__}: {str(e)[:500]}")
                     study.tell(tr, state=optuna.trial.TrialState.FAIL)

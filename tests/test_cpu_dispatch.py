@@ -46,6 +46,19 @@ def test_dispatcher_uses_table_then_heuristic(tmp_path):
     assert runtime.Dispatcher(ks, bad, device_name="GPU X").select(_views(ks[0].params, 64)) in ks
 
 
+def test_dispatcher_hint_sizes_reach_the_bucket(tmp_path):
+    """``select(..., hint)`` adds sizes the arguments do not show (mla_decode's context length) to the dims the
+    table is bucketed by: here the hint overrides M, so M=5000 looks up the M=64 entry."""
+    bundles = [mcompile.build("qk_rmsnorm", {"rows_per_cta": r}, "sm_90a", tmp_path) for r in (1, 4)]
+    ks = [runtime.load(b) for b in bundles]
+    key = ks[0].family.table_key(ks[0].params, {"M": 64})
+    d = runtime.Dispatcher(ks, {"qk_rmsnorm": {"GPU X": {key: {"kernel": ks[1].name, "time_us": 1.0}}}},
+                           device_name="GPU X")
+    assert d.select(_views(ks[0].params, 5000), {"M": 64}) is ks[1] and "tuned table" in d.last_reason
+    d.select(_views(ks[0].params, 5000))
+    assert "heuristic" in d.last_reason          # the same call without the hint is another cache entry
+
+
 def test_export_builds_a_table_the_dispatcher_reads(tmp_path):
     from mlagen import report, tune
     fam = families.get("qk_rmsnorm")

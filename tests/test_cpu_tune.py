@@ -82,6 +82,36 @@ def test_grid_points_split_valid_and_invalid(family):
         assert all(re.search(r"\w+=\d+|block of|shared memory", l) for l in lines), why
 
 
+def test_mla_decode_space_rejects_with_reasons_and_names_its_combine():
+    fam = families.get("mla_decode")
+    for k in tune.space("mla_decode")["space"]:
+        fam.param(k)                                            # every knob is a parameter of the family
+    valid, invalid = tune.grid_points("mla_decode", {"num_heads": 16, "cache_dtype": "f8e4m3"})
+    assert valid and invalid
+    assert any("does not fit shared memory" in why for _, why in invalid)
+    assert any("dq_batch=2 must divide the 3 dequantisation pieces" in why for _, why in invalid)
+    p = fam.validate({"num_heads": 16, "q_len": 2, "attn_sink": True})
+    (cfam, cp), = fam.tune_companions(p)
+    assert cfam == "mla_combine" and cp == {"num_heads": 16, "q_len": 2, "attn_sink": True}
+    families.get(cfam).validate(cp)
+
+
+@pytest.mark.compile
+def test_ask_builds_mla_decode_trials_with_their_combine(tmp_path):
+    """A decode candidate's call needs a combine kernel: ask compiles it once beside the trials."""
+    storage = _sqlite(tmp_path)
+    study = tune.open_study("mla_b8", storage)
+    study.enqueue_trial({"tile_n": 64, "stages": 2, "page_loads": True, "dq_batch": 6})
+    study.enqueue_trial({"tile_n": 32, "stages": 3, "page_loads": False, "dq_batch": 6})
+    wdir = tune.ask("mla_decode", {"B": 8, "C": 1024}, 2, "mla_b8", tmp_path / "tune", fixed={"num_heads": 16},
+                    storage=storage, seed=0, log=lambda *_: None)
+    doc = json.loads((wdir / tune.SPEC).read_text())
+    assert len(doc["trials"]) == 2
+    from mlagen.runtime import find_bundles
+    combs = find_bundles(wdir / "bundles", "mla_combine")
+    assert len(combs) == 1 and json.loads((combs[0] / "manifest.json").read_text())["params"]["num_heads"] == 16
+
+
 def test_grid_points_reasons_qk_rmsnorm():
     valid, invalid = tune.grid_points("qk_rmsnorm")
     # bf16 1536 + 512: 192 and 64 vectors; 128 threads per row divide neither

@@ -167,6 +167,16 @@ class Family:
                 t[a.name] = to_torch(prob.inputs[a.name], a.dtype) if a.name in prob.inputs else None
         return t
 
+    # ---------------- tuning hooks ----------------
+    def tune_companions(self, p: dict) -> list[tuple[str, dict]]:
+        """(family, params) of the other kernels a candidate needs to run its call (built beside it)."""
+        return []
+
+    def tune_measure(self, kernel, shape: Mapping[str, Any], timer, cache: dict) -> dict | None:
+        """Measure one candidate on ``shape`` for a family whose call is more than one launch: return
+        {time_us, err, dims, bytes}; None means the generic one-launch path of the tuning worker."""
+        return None
+
     def bench_rows(self, bundles_root, shapes, args, ceilings) -> list | None:
         """Benchmark rows for a family whose call is more than one launch (None: the generic per-bundle bench)."""
         return None

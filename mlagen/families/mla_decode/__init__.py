@@ -405,6 +405,41 @@ class MLADecodeFamily(Family):
         return bench_plan(dirs, shapes, warmup=min(args.warmup, 5), reps=min(args.reps, 30),
                           with_torch=not args.no_torch, ceilings=ceilings, partitions=(None, 1, 2, 4, 8))
 
+    # ---------------- tuning (tuning/mla_decode.json) ----------------
+    def tune_companions(self, p):
+        """The bf16-output combine a multi-partition call merges with."""
+        return [("mla_combine", {"num_heads": p["num_heads"], "q_len": p["q_len"], "attn_sink": p["attn_sink"]})]
+
+    def tune_measure(self, kernel, shape, timer, cache):
+        """Decode + combine as MLADecode runs them (the partition count from ``shape['P']`` or the heuristic),
+        on a GPU-built problem, against the torch composition; the combine comes from the candidate's folder."""
+        import json as _json
+        import torch
+        from ...runtime import Dispatcher, Kernel, find_bundles
+        from .plan import MLADecode, torch_problem, torch_reference
+        p = kernel.params
+        B, C = int(shape["B"]), int(shape["C"])
+        key = _json.dumps([{n: p[n] for n in self.shape_params}, dict(shape)], sort_keys=True)
+        if key not in cache:
+            cache.clear()                       # one problem at a time: they are large
+            t, kw = torch_problem(p, B, C, bool(shape.get("uniform", 1)))
+            cache[key] = (t, kw, torch_reference(p, t, kw)[0].double())
+        t, kw, ref = cache[key]
+        combs = [Kernel(b) for b in find_bundles(kernel.dir.parent, "mla_combine")]
+        combs = [c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and c.arch == kernel.arch
+                 and all(c.params[n] == p[n] for n in ("num_heads", "q_len", "attn_sink"))]
+        plan = MLADecode(kernel, Dispatcher(combs) if combs else None)
+        npart = int(shape["P"]) if shape.get("P") else None
+        b = plan.bind(**t, **kw, num_partitions=npart, max_len=C)
+        b.out.fill_(float("nan"))               # poisoned: an unwritten element fails the check
+        b.launch()
+        torch.cuda.synchronize()
+        x = b.out.double()
+        err = float(((x - ref).norm() / ref.norm()).item()) if torch.isfinite(x).all() else float("inf")
+        r = timer(b.launch)
+        dims = dict(B=B, C=C, P=b.num_partitions)
+        return {"time_us": r["time_us"], "err": err, "dims": dims, "bytes": self.bytes_moved(p, dims)}
+
     def bucket(self, dims) -> str:
         return f"B{_pow2(dims['B'])}_C{_pow2(dims.get('C', 1))}"
 

@@ -60,9 +60,10 @@ def restrict(k, keep):
     return k if keep(k) else None
 
 
-def pick(k, args):
-    """The kernel of a Kernel-or-Dispatcher that runs the call ``args``."""
-    return k.select(args) if isinstance(k, runtime.Dispatcher) else k
+def pick(k, args, hint=None):
+    """The kernel of a Kernel-or-Dispatcher that runs the call ``args`` (``hint``: sizes the arguments do not
+    show, e.g. the context length C that tuned tables bucket by)."""
+    return k.select(args, hint) if isinstance(k, runtime.Dispatcher) else k
 
 
 class BoundMLADecode:
@@ -143,16 +144,17 @@ class MLADecode:
         dec_out = (torch.empty((DV,), dtype=torch.bfloat16, device=q.device).as_strided((ql * h, DV, B), (0, 1, 0))
                    if fp8_out else ov)
         call = dict(args, q=qv, kv=kv, out=dec_out, lse=lv)
-        # choose with a one-partition workspace view (the partition count does not change the choice)
-        k = pick(dec, dict(call, o_part=dummy_o, lse_part=dummy_l))
+        if num_partitions is None and max_len is None:               # synchronises; pass max_len to avoid
+            max_len = int(kv_lengths.max().item()) + int(kv_len_offset) if B else 0
+        # choose with a one-partition workspace view (the partition count does not change the choice); a tuned
+        # table buckets by the context length too, when it is known
+        k = pick(dec, dict(call, o_part=dummy_o, lse_part=dummy_l), None if max_len is None else {"C": int(max_len)})
         p = k.params
         if p["sparse"] != (indices is not None):
             raise ArgumentError("mla_decode: pass indices and topk_lengths exactly when the bundle is sparse")
         if p["attn_sink"] != (attn_sink is not None):
             raise ArgumentError("mla_decode: pass attn_sink exactly when the bundle has a sink")
         if num_partitions is None:
-            if max_len is None:                                          # synchronises; pass max_len to avoid
-                max_len = int(kv_lengths.max().item()) + int(kv_len_offset) if B else 0
             num_partitions = default_partitions(p, B, max_len, sm_count(q.device.index or 0))
         num_partitions = int(num_partitions)
         if num_partitions < 1:
