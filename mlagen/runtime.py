@@ -139,40 +139,31 @@ def _use_device(ordinal: int) -> None:
     _check(drv.cuCtxSetCurrent(_CTX[ordinal])[0], "cuCtxSetCurrent")
 
 
-_SM_COUNT: dict[int, int] = {}
+_ATTRS: dict[tuple[int, str], int] = {}
+
+
+def _device_attr(device: int, name: str) -> int:
+    """``CU_DEVICE_ATTRIBUTE_<name>`` of CUDA device ``device`` (cached)."""
+    if (device, name) not in _ATTRS:
+        drv = _driver()
+        _use_device(device)
+        err, dev = drv.cuDeviceGet(device)
+        _check(err, "cuDeviceGet")
+        err, n = drv.cuDeviceGetAttribute(getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_{name}"), dev)
+        _check(err, f"cuDeviceGetAttribute({name})")
+        _ATTRS[(device, name)] = int(n)
+    return _ATTRS[(device, name)]
 
 
 def sm_count(device: int = 0) -> int:
     """Streaming multiprocessors of CUDA device ``device`` (cached)."""
-    if device not in _SM_COUNT:
-        drv = _driver()
-        _use_device(device)
-        err, dev = drv.cuDeviceGet(device)
-        _check(err, "cuDeviceGet")
-        attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
-        err, n = drv.cuDeviceGetAttribute(attr, dev)
-        _check(err, "cuDeviceGetAttribute")
-        _SM_COUNT[device] = int(n)
-    return _SM_COUNT[device]
-
-
-_ARCH: dict[int, str] = {}
+    return _device_attr(device, "MULTIPROCESSOR_COUNT")
 
 
 def device_arch(device: int = 0) -> str:
-    """The cubin architecture CUDA device ``device`` runs: ``sm_{major}{minor}a`` (cached)."""
-    if device not in _ARCH:
-        drv = _driver()
-        _use_device(device)
-        err, dev = drv.cuDeviceGet(device)
-        _check(err, "cuDeviceGet")
-        cc = []
-        for a in ("MAJOR", "MINOR"):
-            err, v = drv.cuDeviceGetAttribute(getattr(drv.CUdevice_attribute, f"CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_{a}"), dev)
-            _check(err, "cuDeviceGetAttribute")
-            cc.append(int(v))
-        _ARCH[device] = f"sm_{cc[0]}{cc[1]}a"
-    return _ARCH[device]
+    """The cubin architecture CUDA device ``device`` runs: ``sm_{major}{minor}a``."""
+    return (f"sm_{_device_attr(device, 'COMPUTE_CAPABILITY_MAJOR')}"
+            f"{_device_attr(device, 'COMPUTE_CAPABILITY_MINOR')}a")
 
 
 def device_sms(device: int) -> int:
