@@ -346,38 +346,33 @@ def _worker(family: str, warmup: int, reps: int) -> int:
             if os.environ.get("MLAGEN_TUNE_FAULT") == str(t["trial"]):   # test hook: simulate a crash
                 os._exit(3)
             k = runtime.load(t["bundle"])
+            # a family whose call is several launches measures itself; the others: one bound launch
             res = fam.tune_measure(k, t["shape"], timer, cache)
-            if res is not None:       # a family whose call is several launches measures itself
-                ok = res["err"] <= tol
-                msg = ({"trial": t["trial"], "status": "ok", "time_us": res["time_us"], "err": res["err"],
-                        "gbps": res["bytes"] / (res["time_us"] * 1e-6) / 1e9, "device": dev,
-                        "dims": json.dumps(dict(res["dims"]), sort_keys=True)} if ok else
-                       {"trial": t["trial"], "status": "failed", "err": res["err"],
-                        "reason": f"wrong result: rel err {res['err']:.3g} > {tol}"})
-                print(json.dumps(msg), flush=True)
-                continue
-            key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
-            if key not in cache:
-                _, base = problem_inputs(fam, k, t["shape"], rng)
-                ref = _clone(base)
-                fam.torch_impl(k.params, ref)
+            if res is None:
+                key = json.dumps([{n: k.params[n] for n in fam.shape_params}, t["shape"]], sort_keys=True)
+                if key not in cache:
+                    _, base = problem_inputs(fam, k, t["shape"], rng)
+                    ref = _clone(base)
+                    fam.torch_impl(k.params, ref)
+                    torch.cuda.synchronize()
+                    cache.clear()
+                    cache[key] = (base, fam.bench_outputs(k.params, ref))
+                base, ref_out = cache[key]
+                tk = _clone(base)
+                b = k.bind(check_contents=False, **tk)
+                b.launch()
                 torch.cuda.synchronize()
-                cache = {key: (base, fam.bench_outputs(k.params, ref))}
-            base, ref_out = cache[key]
-            tk = _clone(base)
-            b = k.bind(check_contents=False, **tk)
-            b.launch()
-            torch.cuda.synchronize()
-            err = _max_rel_err(fam.bench_outputs(k.params, tk), ref_out)
-            if not err <= tol:
-                msg = {"trial": t["trial"], "status": "failed", "reason": f"wrong result: rel err {err:.3g} > {tol}",
-                       "err": err}
+                res = {"err": _max_rel_err(fam.bench_outputs(k.params, tk), ref_out)}
+                if res["err"] <= tol:                  # a wrong result is not timed
+                    res.update(time_us=timer(b.launch)["time_us"], dims=dict(b.dims),
+                               bytes=fam.bytes_moved(k.params, b.dims))
+            if not res["err"] <= tol:
+                msg = {"trial": t["trial"], "status": "failed", "err": res["err"],
+                       "reason": f"wrong result: rel err {res['err']:.3g} > {tol}"}
             else:
-                r = timer(b.launch)
-                nbytes = fam.bytes_moved(k.params, b.dims)
-                msg = {"trial": t["trial"], "status": "ok", "time_us": r["time_us"], "err": err,
-                       "gbps": nbytes / (r["time_us"] * 1e-6) / 1e9, "device": dev,
-                       "dims": json.dumps(dict(b.dims), sort_keys=True)}
+                msg = {"trial": t["trial"], "status": "ok", "time_us": res["time_us"], "err": res["err"],
+                       "gbps": res["bytes"] / (res["time_us"] * 1e-6) / 1e9, "device": dev,
+                       "dims": json.dumps(dict(res["dims"]), sort_keys=True)}
         except Exception as e:
             msg = {"trial": t["trial"], "status": "failed", "reason": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(msg), flush=True)
