@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Run on a GPU host from the repository root, with build/gpu (from scripts/build_gpu_suite.py) present.
 # Usage: scripts/gpu_run.sh [tests|bench|all] [FAMILY ...]
-# Writes result tables and logs under $OUT (the device tool's output folder) or results/.
+# Writes result tables and logs under results/, or, on the device tool's machine ($OUT set), packs them into
+# one archive $OUT/results.tgz (the tool brings back at most 8 files); here: tar xzf it into a folder, then
+# `mlagen results-merge FOLDER`.
 set -u -o pipefail
 what=${1:-all}; shift || true
 fams=${*:-"qk_rmsnorm rope_rmsnorm_quant fp8_gemm act_quant_fp8 mla_decode decode_branch"}
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-export MLAGEN_RESULTS_DIR=${OUT:-results} MLAGEN_REQUIRE_BUNDLES=1
+if [ -n "${OUT:-}" ]; then res=$(mktemp -d); trap 'tar czf "$OUT/results.tgz" -C "$res" .' EXIT; else res=results; fi
+export MLAGEN_RESULTS_DIR=$res MLAGEN_REQUIRE_BUNDLES=1
 [ -f build/gpu/COMMIT ] && export MLAGEN_COMMIT=$(cat build/gpu/COMMIT)
 out=$MLAGEN_RESULTS_DIR; mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
