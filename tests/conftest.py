@@ -50,11 +50,12 @@ def bundles_root() -> Path:
 
 
 def _device_arch() -> str | None:
+    """The architecture this machine's GPU runs (runtime.device_arch), None without one."""
     try:
         import torch
         if torch.cuda.is_available():
-            major, _ = torch.cuda.get_device_capability()
-            return {9: "sm_90a", 10: "sm_100a"}.get(major)
+            from mlagen.runtime import device_arch
+            return device_arch(0)
     except Exception:
         pass
     return None
