@@ -26,8 +26,9 @@ stages into the one f16 tile (codes convert exactly to f16, one f16 multiply by 
 barriers, and the MMAs run in f16 (Q is converted to f16 in place once per CTA, so |q| must stay below
 65504).  With ``num_partitions > 1`` every CTA writes its normalised partial O and LSE (log2 units) to
 a workspace and the ``mla_combine`` kernel merges them; with one partition the decode kernel writes
-the bf16 output and LSE itself.  sm_100a (which has no wgmma) builds ``mma="warp"`` (mma.sync on ldmatrix
-fragments) and ``row_loads="gather4"`` (token rows four per TMA gather4, through a 2-d map of the layer).  :class:`MLADecode` is the call that does both.
+the bf16 output and LSE itself.  :class:`MLADecode` is the call that does both.  sm_100a (which has no
+wgmma) builds ``mma="warp"`` (mma.sync on ldmatrix fragments) and ``row_loads="gather4"`` (token rows four
+per TMA gather4, through a 2-d map of the layer).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ class MLADecodeFamily(Family):
             if p["row_loads"] == "gather4":
                 kv += p["stages"] * tn * 4          # the rows' cache slots, read four at a time by gather4
         else:
-            # one dequantised bf16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
+            # one dequantised f16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
             kv = tn * D * 2 + p["stages"] * self.load_tile(p) * (640 + 4 * (D // p["quant_granularity"]) + 4)
         return 1024 + BM * D * 2 + kv + BM * tn * 2
@@ -415,8 +416,8 @@ class MLADecodeFamily(Family):
         on a GPU-built problem, against the torch composition; the combine comes from the candidate's folder."""
         import json as _json
         import torch
-        from ...runtime import Dispatcher, Kernel, find_bundles
-        from .plan import MLADecode, torch_problem, torch_reference
+        from ...runtime import Kernel, find_bundles
+        from .plan import MLADecode, bf16_combine, torch_problem, torch_reference
         p = kernel.params
         B, C = int(shape["B"]), int(shape["C"])
         key = _json.dumps([{n: p[n] for n in self.shape_params}, dict(shape)], sort_keys=True)
@@ -425,10 +426,8 @@ class MLADecodeFamily(Family):
             t, kw = torch_problem(p, B, C, bool(shape.get("uniform", 1)))
             cache[key] = (t, kw, torch_reference(p, t, kw)[0].double())
         t, kw, ref = cache[key]
-        combs = [Kernel(b) for b in find_bundles(kernel.dir.parent, "mla_combine")]
-        combs = [c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and c.arch == kernel.arch
-                 and all(c.params[n] == p[n] for n in ("num_heads", "q_len", "attn_sink"))]
-        plan = MLADecode(kernel, Dispatcher(combs) if combs else None)
+        combs = [Kernel(b) for b in find_bundles(kernel.dir.parent, "mla_combine", kernel.arch)]
+        plan = MLADecode(kernel, bf16_combine(combs, p))
         npart = int(shape["P"]) if shape.get("P") else None
         b = plan.bind(**t, **kw, num_partitions=npart, max_len=C)
         b.out.fill_(float("nan"))               # poisoned: an unwritten element fails the check

@@ -48,6 +48,14 @@ def pick_kernels(root, family: str, want: dict, table=None):
     return runtime.Dispatcher(ks, table) if ks else None
 
 
+def bf16_combine(combines, p: dict):
+    """A Dispatcher over the bf16-output combine kernels that merge decode ``p``'s partitions (its prefer rule
+    picks per call), or None."""
+    cands = [c for c in combines if c.params.get("out_dtype", "bf16") == "bf16"
+             and all(c.params[n] == p[n] for n in ("num_heads", "q_len", "attn_sink"))]
+    return runtime.Dispatcher(cands) if cands else None
+
+
 def first_kernel(k):
     """A kernel of a Kernel-or-Dispatcher (its shape parameters are every candidate's)."""
     return k.kernels[0] if isinstance(k, runtime.Dispatcher) else k
@@ -312,10 +320,7 @@ def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_t
                     log(f"torch baseline out of memory at {shape}")
                     torch.cuda.empty_cache()
             for k in group:
-                cands = [c for c in combs if c.params.get("out_dtype", "bf16") == "bf16" and all(
-                    c.params[n] == k.params[n] for n in ("num_heads", "q_len", "attn_sink"))]
-                comb = runtime.Dispatcher(cands) if cands else None      # the combine's prefer rule picks
-                plan = MLADecode(k, comb)
+                plan = MLADecode(k, bf16_combine(combs, k.params))
                 for npart in partitions:
                     if npart is not None and npart > 1 and comb is None:
                         continue
