@@ -65,6 +65,17 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 32, "num_heads": 16, "page_size": 1, "dq_batch": 3},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "attn_sink": True},
+    # transposed: S^T = K Q^T, O^T = V^T P^T with the 16 / 32 query rows as the wgmma's N (no 64-row padding)
+    {"num_heads": 16, "transposed": True},
+    {"num_heads": 16, "q_len": 2, "attn_sink": True, "page_size": 16, "transposed": True},
+    {"num_heads": 32, "page_loads": False, "transposed": True},
+    {"num_heads": 16, "q_len": 2, "sparse": True, "topk": 128, "page_size": 1, "attn_sink": True, "transposed": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "q_len": 2, "page_size": 16, "stages": 3,
+     "transposed": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 32, "stages": 4, "transposed": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True, "transposed": True},
     # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
     {"mma": "warp"},
     {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
@@ -135,6 +146,11 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": h, "tile_n": 64, "stages": 3, "dq_batch": q}
         for h in (16, 128) for q in (2, 3)
+    ] + [
+        {"num_heads": 16, "q_len": q, "transposed": True} for q in (1, 2)
+    ] + [
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": q, "stages": st, "transposed": True}
+        for q in (1, 2) for st in (2, 3, 4)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

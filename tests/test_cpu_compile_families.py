@@ -121,6 +121,11 @@ def _check_mla_decode(b, m, ptx):
         ty = r"\b(?!\.BF16)" if fp8 else r"\.BF16"       # SASS names f16 operands by no suffix
         if warp:
             assert re.search(r"HMMA\.16816\.F32" + ty, sass) and "LDSM" in sass
+        elif p["transposed"]:
+            rows = DEC.rows_per_cta(p)
+            # S^T = K Q^T and O^T = V^T P^T: 64-row wgmmas with the query rows as N, nothing wider
+            assert re.search(rf"HGMMA\.64x{rows}x16\.F32" + ty, sass), "the query rows are the MMA's N"
+            assert not re.search(r"HGMMA\.64x(?!%d)\d+x16\.F32" % rows, sass), "no padded 64-row query MMA"
         else:
             assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
             assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile each"

@@ -36,6 +36,16 @@ def test_params_normalise_and_reject():
         DEC.validate({"tile_n": 32, "stages": 6})
     with pytest.raises(ParamError):
         DEC.validate({"num_heads": 20})
+    # transposed (query rows as the MMA's N): wgmma, 64-token tiles, at most 64 rows per CTA
+    t = DEC.validate({"num_heads": 16, "q_len": 2, "transposed": True})
+    assert DEC.rows_per_cta(t) == 32 and DEC.row_blocks(t) == 1
+    assert DEC.layout(t).arg("tma_q").box[1] == 32
+    ts = DEC.validate({"num_heads": 32, "q_len": 2, "sparse": True, "topk": 128, "transposed": True})
+    assert DEC.rows_per_cta(ts) == 32 and DEC.grid(ts, dict(NPART=2, B=3)) == (2, 2, 3)   # one CTA per query
+    for bad, msg in (({"tile_n": 32}, "tile_n=64"), ({"mma": "warp"}, "mma=wgmma"),
+                     ({"num_heads": 128}, "at most 64")):
+        with pytest.raises(ParamError, match=msg):
+            DEC.validate({"num_heads": 16, "transposed": True, **bad})
 
 
 def test_grid_and_layout():

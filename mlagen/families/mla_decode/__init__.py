@@ -71,6 +71,10 @@ class MLADecodeFamily(Family):
         Param("row_loads", "tma", choices=("tma", "gather4"),
               doc="per-token-row KV loads (sparse lists, partial tiles, small pages): one TMA per row, or TMA "
                   "gather4, four cache rows per instruction (sm_100a and later)"),
+        Param("transposed", False,
+              doc="compute S^T = K Q^T and O^T = V^T P^T: the tile's 64 tokens and the value dims are the MMA's M, "
+                  "all of a sequence's q_len x H query rows (sparse: one query's H) its N, so 16- or 32-row "
+                  "problems do not pad to a 64-row MMA (wgmma, tile_n 64, at most 64 rows)"),
         Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
                                                       "loads are issued together before their conversion (at "
                                                       "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
@@ -131,12 +135,29 @@ class MLADecodeFamily(Family):
             if half % min(p["dq_batch"], half):
                 errs.append(f"dq_batch={p['dq_batch']} must divide the {half} dequantisation pieces per thread of a "
                             "half tile")
+        if p["transposed"]:
+            rows = self.rows_per_cta(p)
+            if p["mma"] != "wgmma":
+                errs.append("transposed=True needs mma=wgmma")
+            if p["tile_n"] != 64:
+                errs.append(f"transposed=True needs tile_n=64 (the tile's tokens are one 64-row wgmma); got {p['tile_n']}")
+            if rows > BM:
+                errs.append(f"transposed=True takes at most {BM} query rows per CTA (the MMA's N); "
+                            f"{'num_heads' if p['sparse'] else 'num_heads x q_len'} = {rows}")
         if self.smem_bytes(p) + 1024 > 232448:
             per = ("tile_n x 1152 B" if p["cache_dtype"] == "bf16" else
                    "tile_n/2 x (644 + 4 x 576/quant_granularity) B, + one dequantised tile of tile_n x 1152 B")
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
                         f"(Q 72 KiB + stages x {per})")
         return errs
+
+    @staticmethod
+    def rows_per_cta(p) -> int:
+        """Query rows one CTA computes: a 64-row wgmma M, or (transposed) all of a sequence's rows (sparse: one
+        query's heads) as the MMA's N."""
+        if p.get("transposed"):
+            return p["num_heads"] if p["sparse"] else p["num_heads"] * p["q_len"]
+        return BM
 
     def rows_per_box(self, p) -> int:
         return min(p["page_size"], self.load_tile(p)) if p["page_loads"] else 8
@@ -151,7 +172,9 @@ class MLADecodeFamily(Family):
             # one dequantised f16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
             kv = tn * D * 2 + p["stages"] * self.load_tile(p) * (640 + 4 * (D // p["quant_granularity"]) + 4)
-        return 1024 + BM * D * 2 + kv + BM * tn * 2
+        qr = self.rows_per_cta(p)
+        extra = 512 * qr + 32 * qr if p["transposed"] else 0     # partial S^T exchange, column statistics
+        return 1024 + qr * D * 2 + kv + qr * tn * 2 + extra
 
     def smem_carveout(self, p):
         return 100
@@ -184,7 +207,7 @@ class MLADecodeFamily(Family):
         args = [
             TensorArg("q", "bf16", (qr, D, "QB"), ("sqr", 1, "sqb"), 16, "in",
                       "queries as (rows, 576, blocks); see MLADecode for the views", host_only=True),
-            TensorMapArg("tma_q", "q", (64, BM, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            TensorMapArg("tma_q", "q", (64, self.rows_per_cta(p), 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_q", "q"),
             TensorArg("kv", p["cache_dtype"], ("NS", D, "L"), (D, 1, "s_layer"), 16, "in",
                       "the paged cache as (slots, 576, layers)", host_only=True),
@@ -228,18 +251,22 @@ class MLADecodeFamily(Family):
         return (384, 1, 1)
 
     def grid(self, p, dims):
-        R = p["num_heads"] * p["q_len"]
-        x = p["q_len"] * -(-p["num_heads"] // BM) if p["sparse"] else -(-R // BM)
-        return (x, dims["NPART"], dims["B"])
+        return (self.row_blocks(p), dims["NPART"], dims["B"])
+
+    def row_blocks(self, p) -> int:
+        """CTAs per (sequence, partition): blocks of rows_per_cta query rows (sparse blocks never mix queries)."""
+        qr, R = self.rows_per_cta(p), p["num_heads"] * p["q_len"]
+        return p["q_len"] * -(-p["num_heads"] // qr) if p["sparse"] else -(-R // qr)
 
     def template_context(self, p, arch):
-        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), fp8=p["cache_dtype"] == "f8e4m3", **p)
+        return dict(d=D, dv=DV, rows_per_box=self.rows_per_box(p), rows_per_cta=self.rows_per_cta(p),
+                    fp8=p["cache_dtype"] == "f8e4m3", **p)
 
     def kernel_name(self, p):
         s = f"_sparse{p['topk']}" if p["sparse"] else ""
         g = f"g{p['quant_granularity']}" if p["cache_dtype"] == "f8e4m3" else ""
         return (f"mla_decode_{p['cache_dtype']}{g}_h{p['num_heads']}_q{p['q_len']}_ps{p['page_size']}{s}"
-                + ("_mmawarp" if p["mma"] == "warp" else "") + ("_g4" if p["row_loads"] == "gather4" else "")
+                + ("_mmawarp" if p["mma"] == "warp" else "") + ("_t" if p["transposed"] else "") + ("_g4" if p["row_loads"] == "gather4" else "")
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else ""))

@@ -24,7 +24,7 @@ from typing import Any
 
 from ...abi import ArgumentError
 from ... import runtime
-from . import BM, DV, family as DECODE
+from . import DV, family as DECODE
 
 sm_count = runtime.sm_count
 
@@ -32,8 +32,7 @@ sm_count = runtime.sm_count
 def default_partitions(p: dict, batch: int, max_len: int, sms: int) -> int:
     """KV partitions per sequence when the caller gives none: enough CTAs for one wave of the SMs
     (one 230 KB CTA per SM), but at least two KV tiles per partition."""
-    rows = p["num_heads"] * p["q_len"]
-    row_blocks = p["q_len"] * -(-p["num_heads"] // BM) if p["sparse"] else -(-rows // BM)
+    row_blocks = DECODE.row_blocks(p)
     n = max(1, max_len if not p["sparse"] else min(max_len, p["topk"]))
     tiles = -(-n // p["tile_n"])
     want = max(1, sms // max(1, row_blocks * batch))
