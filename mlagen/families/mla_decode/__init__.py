@@ -173,7 +173,9 @@ class MLADecodeFamily(Family):
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
             kv = tn * D * 2 + p["stages"] * self.load_tile(p) * (640 + 4 * (D // p["quant_granularity"]) + 4)
         qr = self.rows_per_cta(p)
-        extra = 512 * qr + 32 * qr if p["transposed"] else 0     # partial S^T exchange, column statistics
+        # transposed: the partial S^T exchange and the column statistics, padded to the 1024-byte alignment of
+        # what follows (an fp8 kernel's code stages)
+        extra = -(-(512 * qr + 32 * qr) // 1024) * 1024 if p["transposed"] else 0
         return 1024 + qr * D * 2 + kv + qr * tn * 2 + extra
 
     def smem_carveout(self, p):

@@ -321,7 +321,7 @@ def bench_plan(bundle_dirs, shapes=None, warmup: int = 5, reps: int = 30, with_t
             for k in group:
                 plan = MLADecode(k, bf16_combine(combs, k.params))
                 for npart in partitions:
-                    if npart is not None and npart > 1 and comb is None:
+                    if npart is not None and npart > 1 and plan.combine is None:
                         continue
                     b = plan.bind(**t, **kw, num_partitions=npart, max_len=C)
                     b.launch()
