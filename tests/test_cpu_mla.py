@@ -149,3 +149,18 @@ def test_combine_prefers_partition_splits_only_for_small_batches():
     assert pick(B=1, NPART=4) == 1 and pick(B=8, NPART=16) == 1 and pick(B=128, NPART=2) == 1
     with pytest.raises(ParamError, match="multiple of part_splits"):
         comb.validate(dict(part_splits=8, warps=4))
+
+
+def test_decode_prefers_transposed_where_it_won():
+    """The transposed kernel for an fp8 cache at any length and for bf16 up to 4k tokens (H200 bench at 3a04c02);
+    three code stages for transposed fp8; the 64-row kernel for long bf16 contexts."""
+    from types import SimpleNamespace
+    mk = lambda **kw: SimpleNamespace(params=DEC.validate(dict(num_heads=16, **kw)))
+    bf = [mk(), mk(transposed=True), mk(tile_n=32, stages=4)]
+    assert DEC.prefer(bf, dict(B=64, C=1024)).params["transposed"] is True
+    assert DEC.prefer(bf, dict(B=64, C=32768)).params["transposed"] is False
+    f8 = [mk(cache_dtype="f8e4m3"), *(mk(cache_dtype="f8e4m3", transposed=True, stages=s) for s in (2, 3, 4))]
+    best = DEC.prefer(f8, dict(B=128, C=32768)).params
+    assert best["transposed"] is True and best["stages"] == 3
+    assert DEC.validate(dict(num_heads=16, cache_dtype="f8e4m3", transposed=True))["stages"] == 3
+    assert DEC.validate(dict(num_heads=16, q_len=2, cache_dtype="f8e4m3", transposed=True))["stages"] == 2

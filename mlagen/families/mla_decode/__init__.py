@@ -92,9 +92,11 @@ class MLADecodeFamily(Family):
             given.setdefault("row_loads", "gather4")
         if given.get("cache_dtype") == "f8e4m3":
             # an fp8 cache's defaults: 64-token MMA tiles over two 32-token code stages (one tile in flight while
-            # the last one is multiplied; a third stage was 2-7% slower in every H200 row at 6b7752d)
+            # the last one is multiplied; a third stage was 2-7% slower in every H200 row at 6b7752d); transposed
+            # with 16 query rows, three stages (8-9% faster than two at 3a04c02, four no better)
             given.setdefault("tile_n", 64)
-            given.setdefault("stages", 2)
+            rows = given.get("num_heads", 128) * (1 if given.get("sparse") else given.get("q_len", 1))
+            given.setdefault("stages", 3 if given.get("transposed") and rows <= 16 else 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
@@ -109,10 +111,21 @@ class MLADecodeFamily(Family):
 
     def prefer(self, kernels, dims):
         """Without a tuned entry: warpgroup MMA where there is one (the warp-MMA build is sm_100a's; on Hopper it
-        is a test vehicle), 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where both ran),
-        page-box loads, then the fewest stages that hold the tile."""
-        return min(kernels, key=lambda k: (k.params.get("mma", "wgmma") != "wgmma", -k.params["tile_n"],
-                                           not k.params["page_loads"], k.params["stages"]))
+        is a test vehicle); then the transposed kernel where it wins (H200, 3a04c02: an fp8 cache at 16 or 32 query
+        rows, 1.2-1.3x; bf16 up to 4k context, 1-7%; bf16 longer contexts are memory-bound and 0-4% slower
+        transposed); 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where both ran), page-box
+        loads, then three stages for a transposed fp8 kernel (8-9% faster than two), else the fewest that hold
+        the tile."""
+        def transposed_wins(k):
+            p = k.params
+            return p["cache_dtype"] == "f8e4m3" or int(dims.get("C", 0) or 0) <= 4096
+
+        def stages_rank(k):
+            p = k.params
+            return abs(p["stages"] - 3) if p.get("transposed") and p["cache_dtype"] == "f8e4m3" else p["stages"]
+        return min(kernels, key=lambda k: (k.params.get("mma", "wgmma") != "wgmma",
+                                           bool(k.params.get("transposed")) != transposed_wins(k),
+                                           -k.params["tile_n"], not k.params["page_loads"], stages_rank(k)))
 
     @staticmethod
     def load_tile(p) -> int:
