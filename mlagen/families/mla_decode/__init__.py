@@ -28,7 +28,10 @@ barriers, and the MMAs run in f16 (Q is converted to f16 in place once per CTA, 
 a workspace and the ``mla_combine`` kernel merges them; with one partition the decode kernel writes
 the bf16 output and LSE itself.  :class:`MLADecode` is the call that does both.  sm_100a (which has no
 wgmma) builds ``mma="warp"`` (mma.sync on ldmatrix fragments) and ``row_loads="gather4"`` (token rows four
-per TMA gather4, through a 2-d map of the layer).
+per TMA gather4, through a 2-d map of the layer).  ``transposed=True`` (16-64 query rows per CTA) computes
+``S^T = K Q^T`` and ``O^T = V^T P^T`` instead: the 64 tokens and the value dims are the wgmma's M and a sequence's
+query rows its N, the two MMA warpgroups split the 576 dims of S^T and exchange the partial sums through shared
+memory, then each accumulates O^T for 256 value dims.
 """
 from __future__ import annotations
 
