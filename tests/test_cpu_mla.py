@@ -164,3 +164,7 @@ def test_decode_prefers_transposed_where_it_won():
     assert best["transposed"] is True and best["stages"] == 3
     assert DEC.validate(dict(num_heads=16, cache_dtype="f8e4m3", transposed=True))["stages"] == 3
     assert DEC.validate(dict(num_heads=16, q_len=2, cache_dtype="f8e4m3", transposed=True))["stages"] == 2
+    # as the CLI gives them: strings
+    cli = DEC.validate(dict(num_heads="16", cache_dtype="f8e4m3", transposed="true"))
+    assert cli["transposed"] is True and cli["stages"] == 3
+    assert DEC.validate(dict(num_heads="16", cache_dtype="f8e4m3", transposed="false"))["stages"] == 2

@@ -98,8 +98,9 @@ class MLADecodeFamily(Family):
             # the last one is multiplied; a third stage was 2-7% slower in every H200 row at 6b7752d); transposed
             # with 16 query rows, three stages (8-9% faster than two at 3a04c02, four no better)
             given.setdefault("tile_n", 64)
-            rows = given.get("num_heads", 128) * (1 if given.get("sparse") else given.get("q_len", 1))
-            given.setdefault("stages", 3 if given.get("transposed") and rows <= 16 else 2)
+            val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
+            rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
+            given.setdefault("stages", 3 if val("transposed") and rows <= 16 else 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
