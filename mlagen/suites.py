@@ -42,6 +42,15 @@ TEST["fp8_gemm"] = [
     {"split_k": 4, "tile_m": 64, "tile_n": 64, "stages": 6},
     {"split_k": 2, "persistent": True},
     {"split_k": 2, "epilogue": "direct", "tile_m": 64, "tile_n": 128, "m_scale_granularity": 128},
+    # ping-pong issue order of the two MMA warpgroups, and scales loaded one k tile ahead
+    {"stagger": True},
+    {"scale_lookahead": True, "tile_m": 64, "tile_n": 64, "stages": 6, "m_scale_granularity": 1,
+     "n_scale_granularity": 1},
+    {"stagger": True, "scale_lookahead": True},
+    {"stagger": True, "scale_lookahead": True, "m_scale_granularity": 128, "n_scale_granularity": 128, "stages": 5},
+    {"stagger": True, "scale_lookahead": True, "persistent": True},
+    {"stagger": True, "scale_lookahead": True, "split_k": 2, "persistent": True, "epilogue": "direct"},
+    {"stagger": True, "scale_lookahead": True, "tile_n": 64, "stages": 3, "ctas_per_sm": 2},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]

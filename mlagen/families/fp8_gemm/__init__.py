@@ -45,6 +45,10 @@ class FP8Gemm(Family):
                                                     "adds them and stores it"),
         Param("persistent", False, doc="one wave of CTAs, each looping over output tiles; its TMA producer runs "
                                        "into the next tile while the MMA warpgroups finish the last"),
+        Param("scale_lookahead", False, doc="load k tile k+1's scales while k tile k's wgmma runs (scale_prefetch "
+                                            "mainloop)"),
+        Param("stagger", False, doc="ping-pong issue order: the two MMA warpgroups (tile_m=128) take turns issuing "
+                                    "their k tile's wgmma, so one's promotion overlaps the other's MMAs"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
@@ -55,6 +59,13 @@ class FP8Gemm(Family):
         errs = []
         if p["split_k"] > 1 and p["overlap"]:
             errs.append("split_k > 1 is written for the serial mainloop; overlap=True is not supported with it")
+        if p["stagger"] and p["tile_m"] != 128:
+            errs.append("stagger=True orders two MMA warpgroups; it needs tile_m=128")
+        if p["scale_lookahead"] and (p["overlap"] or not p["scale_prefetch"]):
+            errs.append("scale_lookahead=True is written for the scale-prefetch mainloop (overlap=False, "
+                        "scale_prefetch=True)")
+        if p["stagger"] and (p["overlap"] or not p["scale_prefetch"]):
+            errs.append("stagger=True is written for the scale-prefetch mainloop (overlap=False, scale_prefetch=True)")
         if p["persistent"] and p["overlap"]:
             errs.append("persistent=True is written for the serial mainloop; overlap=True is not supported with it")
         regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
@@ -189,7 +200,7 @@ class FP8Gemm(Family):
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
-                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else ""))
+                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "") + ("_pp" if p["stagger"] else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
