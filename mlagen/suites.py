@@ -51,6 +51,12 @@ TEST["fp8_gemm"] = [
     {"stagger": True, "scale_lookahead": True, "persistent": True},
     {"stagger": True, "scale_lookahead": True, "split_k": 2, "persistent": True, "epilogue": "direct"},
     {"stagger": True, "scale_lookahead": True, "tile_n": 64, "stages": 3, "ctas_per_sm": 2},
+    # the overlapped mainloop (two partials, unrolled by two) with every scheduling option
+    {"overlap": True, "persistent": True},
+    {"overlap": True, "split_k": 2, "tile_m": 64, "tile_n": 64, "stages": 6},
+    {"overlap": True, "m_scale_granularity": 128, "n_scale_granularity": 128, "stages": 5},
+    {"overlap": True, "tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True},
+    {"overlap": True, "epilogue": "direct", "tile_n": 64, "m_scale_granularity": 1, "n_scale_granularity": 1},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]

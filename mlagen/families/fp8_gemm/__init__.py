@@ -38,8 +38,8 @@ class FP8Gemm(Family):
         Param("n_scale_granularity", 128, choices=(1, 64, 128, 256), doc="rows of B per scale (128 = 128x128 weights)"),
         Param("scale_prefetch", True, doc="load a k tile's scales before issuing its wgmma (serial mainloop)"),
         Param("ctas_per_sm", 1, choices=(1, 2), doc="CTAs resident per SM (2: two CTAs' mainloops interleave)"),
-        Param("overlap", False, doc="two k-tile partials, the next wgmma issued before the last is scaled. Slower: "
-                                    "ptxas serialises every wgmma (C7514: accumulators read inside a pipeline stage)"),
+        Param("overlap", False, doc="two k-tile partials in a loop unrolled by two: k tile j+1's wgmma runs while "
+                                    "tile j's partial is scaled into the accumulator (scales loaded a tile ahead)"),
         Param("split_k", 1, choices=(1, 2, 4, 8), doc="k splits per output tile (for few tiles and long K): the "
                                                     "units meet in a float32 workspace and the last one of a tile "
                                                     "adds them and stores it"),
@@ -57,8 +57,6 @@ class FP8Gemm(Family):
 
     def constraints(self, p, arch):
         errs = []
-        if p["split_k"] > 1 and p["overlap"]:
-            errs.append("split_k > 1 is written for the serial mainloop; overlap=True is not supported with it")
         if p["stagger"] and p["tile_m"] != 128:
             errs.append("stagger=True orders two MMA warpgroups; it needs tile_m=128")
         if p["scale_lookahead"] and (p["overlap"] or not p["scale_prefetch"]):
@@ -66,12 +64,10 @@ class FP8Gemm(Family):
                         "scale_prefetch=True)")
         if p["stagger"] and (p["overlap"] or not p["scale_prefetch"]):
             errs.append("stagger=True is written for the scale-prefetch mainloop (overlap=False, scale_prefetch=True)")
-        if p["persistent"] and p["overlap"]:
-            errs.append("persistent=True is written for the serial mainloop; overlap=True is not supported with it")
         regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
         if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
-                        "(accumulator + k-tile partial); at most 128 fit")
+                        "(accumulator + k-tile partials); at most 192 fit")
         if p["ctas_per_sm"] > 1:
             per_sm = 228 * 1024
             if p["ctas_per_sm"] * (self.smem_bytes(p) + 1024) > per_sm:
