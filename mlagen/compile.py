@@ -153,6 +153,7 @@ def build(family: str, params: Mapping[str, Any] | None = None, arch: str = "sm_
         "layout": layout.to_json(),
         "param_sizes": sizes,
         "block": list(fam.block(p)),
+        "cluster": list(fam.cluster(p)),
         "smem_bytes": fam.smem_bytes(p),
         "smem_carveout": fam.smem_carveout(p),
         "resources": resource_usage(bdir / "kernel.cubin", symbol),

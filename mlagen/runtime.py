@@ -216,6 +216,7 @@ class Kernel:
         if self.layout.param_sizes() != self.manifest["param_sizes"]:
             raise LaunchError(f"{self.name}: manifest layout and PTX parameter sizes disagree")
         self.block = tuple(self.manifest["block"])
+        self.cluster = tuple(self.manifest.get("cluster", (1, 1, 1)))   # bundles from before clusters: none
         self.smem = int(self.manifest["smem_bytes"])
         self._fn: dict[int, Any] = {}
         self._mod: dict[int, Any] = {}
@@ -331,8 +332,15 @@ class BoundLaunch:
                  for a in kernel.layout.params() if isinstance(a, TensorMapArg)}
         self.params, self._keep = kernel.layout.pack(views, tmaps)
         self.empty = grid[0] * grid[1] * grid[2] == 0
-        self._launch = drv.cuLaunchKernel
-        self._args = (self.fn, grid[0], grid[1], grid[2], *kernel.block, kernel.smem, self.stream, self.params, 0)
+        if kernel.cluster == (1, 1, 1):
+            self._launch = drv.cuLaunchKernel
+            self._args = (self.fn, grid[0], grid[1], grid[2], *kernel.block, kernel.smem, self.stream, self.params, 0)
+        else:
+            if any(g % c for g, c in zip(grid, kernel.cluster)):
+                raise LaunchError(f"{kernel.name}: grid {grid} is not a multiple of its cluster {kernel.cluster}")
+            self._launch = drv.cuLaunchKernelEx
+            self._args = (_launch_config(grid, kernel.block, kernel.smem, self.stream, kernel.cluster), self.fn,
+                          self.params, 0)
 
     def launch(self) -> None:
         if self.empty:
@@ -343,6 +351,24 @@ class BoundLaunch:
 
     def outputs(self) -> dict:
         return {a.name: self.views[a.name].owner for a in self.kernel.layout.tensors() if a.io in ("out", "inout")}
+
+
+def _launch_config(grid, block, smem, stream, cluster):
+    """A CUlaunchConfig with the cluster-dimension attribute (what cuLaunchKernelEx takes)."""
+    drv = _driver()
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = (int(g) for g in grid)
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = (int(b) for b in block)
+    cfg.sharedMemBytes = int(smem)
+    cfg.hStream = stream
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    val = drv.CUlaunchAttributeValue()
+    val.clusterDim.x, val.clusterDim.y, val.clusterDim.z = (int(c) for c in cluster)
+    attr.value = val
+    cfg.numAttrs = 1
+    cfg.attrs = [attr]
+    return cfg
 
 
 _TMA_DTYPE = {"f8e4m3": "UINT8", "u8": "UINT8", "bf16": "BFLOAT16", "f16": "FLOAT16", "f32": "FLOAT32",

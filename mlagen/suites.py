@@ -57,6 +57,13 @@ TEST["fp8_gemm"] = [
     {"overlap": True, "m_scale_granularity": 128, "n_scale_granularity": 128, "stages": 5},
     {"overlap": True, "tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True},
     {"overlap": True, "epilogue": "direct", "tile_n": 64, "m_scale_granularity": 1, "n_scale_granularity": 1},
+    # 2-CTA clusters along M sharing each B tile by TMA multicast (grid rows padded to whole clusters)
+    {"cluster_m": 2},
+    {"cluster_m": 2, "overlap": True},
+    {"cluster_m": 2, "tile_m": 64, "tile_n": 128, "stages": 6, "m_scale_granularity": 128,
+     "n_scale_granularity": 128},
+    {"cluster_m": 2, "overlap": True, "epilogue": "direct", "tile_n": 64, "m_scale_granularity": 1,
+     "n_scale_granularity": 1},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]

@@ -57,6 +57,14 @@ def test_fp8_gemm_uses_tma_and_fp8_wgmma(params, tmp_path_factory):
     if p["epilogue"] == "tma":
         assert "cp.async.bulk.tensor.3d.global.shared::cta" in ptx, "TMA store of C"
     fam = families.get("fp8_gemm")
+    if p["cluster_m"] > 1:
+        # B goes to both CTAs of the cluster; each loads a 1/cluster_m box of it, as the runtime's map declares
+        assert ".multicast::cluster" in ptx and "barrier.cluster.wait" in ptx
+        assert m["cluster"] == [p["cluster_m"], 1, 1]
+        tmb = next(a for a in m["layout"]["args"] if a.get("name") == "tma_b")
+        assert tmb["box"] == [128, p["tile_n"] // p["cluster_m"], 1]
+    else:
+        assert ".multicast::cluster" not in ptx
     producer, consumer = fam.regs(p)
     assert f"setmaxnreg.dec.sync.aligned.u32 \t{producer};" in ptx
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{consumer};" in ptx
@@ -64,6 +72,16 @@ def test_fp8_gemm_uses_tma_and_fp8_wgmma(params, tmp_path_factory):
     if sass:
         assert "QGMMA" in sass and "E4M3" in sass
         assert "UTMALDG" in sass
+        if p["overlap"]:
+            # the next k tile's wgmma stays in flight while the last partial is promoted: ptxas did not
+            # serialise the wgmmas (C7514 puts a WARPGROUP.DEPBAR.LE gsb0, 0x0 after every QGMMA)
+            assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass
+            ops = re.findall(r"(QGMMA|WARPGROUP\.DEPBAR)", sass)
+            assert "QGMMA QGMMA" in " ".join(ops), "every QGMMA is followed by a wait"
+        if p["cluster_m"] > 1:
+            assert "UTMALDG.3D.MULTICAST" in sass
+        if p["stagger"]:
+            assert "BAR.ARV 0x4" in sass and "BAR.ARV 0x5" in sass and "BAR.SYNC.DEFER_BLOCKING 0x5" in sass
 
 
 @pytest.mark.parametrize("params", suites.TEST["act_quant_fp8"], ids=lambda v: json.dumps(v, sort_keys=True))

@@ -128,6 +128,11 @@ class Family:
     def grid(self, p: dict, dims: Mapping[str, int]) -> tuple[int, int, int]:
         raise NotImplementedError
 
+    def cluster(self, p: dict) -> tuple[int, int, int]:
+        """Thread-block cluster shape the kernel is launched with (the DSL records none in the cubin, so the
+        runtime launches with cuLaunchKernelEx and this shape; the grid must be a multiple of it)."""
+        return (1, 1, 1)
+
     def template_context(self, p: dict, arch: str) -> dict:
         return {}
 

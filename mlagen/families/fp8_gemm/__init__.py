@@ -49,6 +49,8 @@ class FP8Gemm(Family):
                                             "mainloop)"),
         Param("stagger", False, doc="ping-pong issue order: the two MMA warpgroups (tile_m=128) take turns issuing "
                                     "their k tile's wgmma, so one's promotion overlaps the other's MMAs"),
+        Param("cluster_m", 1, choices=(1, 2), doc="CTAs per cluster along M; each loads half of the shared B tile "
+                                                "and TMA-multicasts it to both (a quarter less L2 traffic)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
@@ -57,6 +59,10 @@ class FP8Gemm(Family):
 
     def constraints(self, p, arch):
         errs = []
+        if p["cluster_m"] > 1 and (p["persistent"] or p["split_k"] > 1):
+            errs.append("cluster_m > 1 is written for one tile per CTA (persistent=False, split_k=1)")
+        if p["cluster_m"] > 1 and p["tile_n"] // p["cluster_m"] < 8:
+            errs.append(f"cluster_m={p['cluster_m']} splits the B tile's {p['tile_n']} rows below 8 per CTA")
         if p["stagger"] and p["tile_m"] != 128:
             errs.append("stagger=True orders two MMA warpgroups; it needs tile_m=128")
         if p["scale_lookahead"] and (p["overlap"] or not p["scale_prefetch"]):
@@ -148,7 +154,9 @@ class FP8Gemm(Family):
             TensorArg("b", "f8e4m3", ("N", "K", "L"), ("sbn", 1, "sbl"), 16, "in", "weights (N, K, L)", host_only=True),
             TensorMapArg("tma_a", "a", (TILE_K, tm, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
             CoordArg("coord_a", "a"),
-            TensorMapArg("tma_b", "b", (TILE_K, tn, 1), swizzle=128, l2_promotion=256, modes=(1, 0, 2)),
+            # with a cluster each CTA loads (and multicasts) 1/cluster_m of the B tile's rows
+            TensorMapArg("tma_b", "b", (TILE_K, tn // p["cluster_m"], 1), swizzle=128, l2_promotion=256,
+                         modes=(1, 0, 2)),
             CoordArg("coord_b", "b"),
             TensorArg("c", "bf16", ("M", "N", "L"), ("scm", 1, "scl"), 16 if p["epilogue"] == "tma" else 4, "out",
                       host_only=p["epilogue"] == "tma"),
@@ -178,8 +186,12 @@ class FP8Gemm(Family):
     def block(self, p):
         return (128 * (1 + p["tile_m"] // 64), 1, 1)
 
+    def cluster(self, p):
+        return (p["cluster_m"], 1, 1)
+
     def grid(self, p, dims):
-        tiles = (-(-dims["M"] // p["tile_m"]), -(-dims["N"] // p["tile_n"]), dims["L"])
+        cm = p["cluster_m"]       # tile rows padded to whole clusters (the extra CTAs load zeros, store nothing)
+        tiles = ((-(-dims["M"] // p["tile_m"]) + cm - 1) // cm * cm, -(-dims["N"] // p["tile_n"]), dims["L"])
         units = tiles[0] * tiles[1] * tiles[2] * p["split_k"]
         if p["persistent"]:       # one wave: the SMs the runtime found (dims["SMS"]) x resident CTAs per SM
             return (max(1, min(units, dims.get("SMS", 132) * p["ctas_per_sm"])), 1, 1)
@@ -196,7 +208,8 @@ class FP8Gemm(Family):
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
-                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "") + ("_pp" if p["stagger"] else ""))
+                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "") + ("_pp" if p["stagger"] else "")
+                + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
