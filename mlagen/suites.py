@@ -158,7 +158,22 @@ BENCH = {
         {"tile_m": 64, "tile_n": tn, "stages": 6, "split_k": sk} for tn in (64, 128) for sk in (2, 4, 8)] + [
         {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "split_k": 4, "persistent": True}] + [
         {"tile_m": 64, "tile_n": tn, "stages": st, "ctas_per_sm": 2, "split_k": sk}
-        for tn, st in ((64, 6), (128, 3)) for sk in (2, 4)],
+        for tn, st in ((64, 6), (128, 3)) for sk in (2, 4)] + [
+        # the overlapped mainloop (next k tile's wgmma in flight during promotion), scales a tile ahead,
+        # 2-CTA clusters multicasting B
+        {"tile_m": 128, "tile_n": 128, "stages": 5, "overlap": True},
+        {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True, "persistent": True},
+        {"tile_m": 128, "tile_n": 128, "stages": 5, "overlap": True, "persistent": True},
+        {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True, "cluster_m": 2},
+        {"tile_m": 128, "tile_n": 128, "stages": 5, "overlap": True, "cluster_m": 2},
+        {"tile_m": 128, "tile_n": 128, "stages": 5, "scale_lookahead": True},
+        {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True, "persistent": True},
+        {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True},
+        {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "overlap": True},
+        {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "overlap": True, "persistent": True},
+        {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "overlap": True},
+        {"tile_m": 64, "tile_n": 64, "stages": 10, "overlap": True},
+        {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True, "cluster_m": 2}],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
