@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mlagen import compile as mcompile
-from mlagen import families, runtime
+from mlagen import families, runtime, suites
 from mlagen.runtime import DeviceArray
 
 pytestmark = pytest.mark.compile
@@ -123,3 +123,22 @@ def test_fp8_gemm_heuristic_leaves_split_k_aside():
     ks = [SimpleNamespace(params=fam.validate(dict(tile_m=64, tile_n=64, stages=6, ctas_per_sm=c, split_k=s)))
           for c, s in ((2, 4), (1, 1), (2, 2))]
     assert fam.prefer(ks, dict(M=64, N=2112, K=7168, L=1, SMS=132)).params["split_k"] == 1
+
+
+def test_fp8_gemm_heuristic_picks_the_mainloop_by_m_and_k():
+    """Among the benchmark bundles: the lookahead / overlapped mainloops for large M, the overlapped one for
+    small M from K = 4096 on, the serial one for the short-K MLA BMMs, never a 2-CTA cluster (H200 rows)."""
+    from types import SimpleNamespace
+    fam = families.get("fp8_gemm")
+    ks = [SimpleNamespace(params=fam.validate(p)) for p in suites.BENCH["fp8_gemm"]]
+    pick = lambda **d: fam.prefer(ks, dict({"L": 1, "SMS": 132}, **d)).params
+    for shape in (dict(M=4096, N=7168, K=16384), dict(M=4096, N=24576, K=1536), dict(M=4096, N=2112, K=7168)):
+        p = pick(**shape)
+        assert p["scale_lookahead"] or p["overlap"], shape
+        assert p["cluster_m"] == 1 and p["split_k"] == 1
+    assert pick(M=4096, N=24576, K=1536)["persistent"]
+    for shape in (dict(M=64, N=7168, K=16384), dict(M=64, N=2112, K=7168), dict(M=1, N=2112, K=7168)):
+        p = pick(**shape)
+        assert p["overlap"] and p["tile_m"] == 64, shape
+    for shape in (dict(M=64, N=7168, K=2048), dict(M=64, N=512, K=128, L=128), dict(M=1024, N=128, K=512, L=128)):
+        assert not pick(**shape)["overlap"], shape

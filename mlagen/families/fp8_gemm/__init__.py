@@ -90,17 +90,26 @@ class FP8Gemm(Family):
         return errs
 
     def prefer(self, kernels, dims):
-        """Without a tuned entry (rules read off the H100 bench rows): 128x128 tiles for large M; for
+        """Without a tuned entry (rules read off the H100 and H200 bench rows): 128x128 tiles for large M; for
         decode-sized M, 64-row tiles and the widest tile_n that still gives about a wave of CTAs on this
         device (``dims["SMS"]``, which the Dispatcher adds; 132 when absent), ctas_per_sm=2 first, then more
-        stages; the plain TMA-epilogue mainloop before the variants."""
+        stages.  The mainloop follows M and K (rules below); split-K, 2-CTA clusters, the direct epilogue and
+        the un-prefetched scales come last."""
         M, N, L, K = dims["M"], dims["N"], dims.get("L", 1), dims.get("K", 0)
         sms = dims.get("SMS", 132)
 
         def key(k):
             p = k.params
             # split_k last resort: correct, but slower than one unit per tile in every H100 row so far (b12b1c0)
-            variant = (p["split_k"] > 1, p["overlap"], p["epilogue"] != "tma", not p["scale_prefetch"])
+            # mainloop (H200 rows at b96a94d): for large M the scale lookahead or the overlapped mainloop
+            # (4-10% over the serial one on all four large shapes); for small M the overlapped one from
+            # K = 4096 on (1.10x at 64x7168x16384 and 64x2112x7168), the serial one below (the overlap's
+            # prologue costs 2-7% at K <= 2048); 2-CTA clusters never won (0.85x at K = 1536), so last
+            if M >= 2048:
+                loop = (not (p["scale_lookahead"] or p["overlap"]), p["overlap"])
+            else:
+                loop = (p["overlap"] != (K >= 4096), p["scale_lookahead"])
+            variant = (p["split_k"] > 1, p["cluster_m"] > 1, *loop, p["epilogue"] != "tma", not p["scale_prefetch"])
             # persistent CTAs when there are more than two waves of tiles and K is short enough for the
             # epilogue to matter (H100 rows at 13540cd: 1.30x at 1024x512x128 x128 heads, 1.12x at
             # 4096x24576x1536, 1.10x at 1024x128x512 x128; 0.93x at K=16384; even at one or two waves)
@@ -111,7 +120,9 @@ class FP8Gemm(Family):
             ctas = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
             # tiles with about a wave of CTAs first, widest first; then the rest, narrowest first
             width = -p["tile_n"] if ctas >= 0.8 * sms else 1000 + p["tile_n"]
-            return (variant, p["tile_m"] != 64, width, -p["ctas_per_sm"], -p["stages"])
+            # two CTAs per SM for the serial mainloop; the overlapped one keeps its own wgmma in flight and
+            # does better with one CTA and deep stages (H200, b96a94d: 47.9 against 49.1 us at 64x7168x16384)
+            return (variant, p["tile_m"] != 64, width, p["ctas_per_sm"] * (1 if p["overlap"] else -1), -p["stages"])
         return min(kernels, key=key)
 
     def regs(self, p) -> tuple[int, int]:
