@@ -137,6 +137,7 @@ def test_fp8_gemm_heuristic_picks_the_mainloop_by_m_and_k():
         assert p["scale_lookahead"] or p["overlap"], shape
         assert p["cluster_m"] == 1 and p["split_k"] == 1
     assert pick(M=4096, N=24576, K=1536)["persistent"]
+    assert pick(M=4096, N=7168, K=16384)["overlap"] and pick(M=4096, N=2112, K=7168)["scale_lookahead"]
     for shape in (dict(M=64, N=7168, K=16384), dict(M=64, N=2112, K=7168), dict(M=1, N=2112, K=7168)):
         p = pick(**shape)
         assert p["overlap"] and p["tile_m"] == 64, shape

@@ -101,12 +101,13 @@ class FP8Gemm(Family):
         def key(k):
             p = k.params
             # split_k last resort: correct, but slower than one unit per tile in every H100 row so far (b12b1c0)
-            # mainloop (H200 rows at b96a94d): for large M the scale lookahead or the overlapped mainloop
-            # (4-10% over the serial one on all four large shapes); for small M the overlapped one from
-            # K = 4096 on (1.10x at 64x7168x16384 and 64x2112x7168), the serial one below (the overlap's
-            # prologue costs 2-7% at K <= 2048); 2-CTA clusters never won (0.85x at K = 1536), so last
+            # mainloop (H200 rows at b96a94d and 41536ff): for large M the scale lookahead or the overlapped
+            # mainloop (4-10% over the serial one on all four large shapes), the overlapped one above K = 8192
+            # (969 against 1029 us at 4096x7168x16384), the lookahead below; for small M the overlapped one
+            # from K = 4096 on (1.10x at 64x7168x16384 and 64x2112x7168), the serial one below (the
+            # overlap's prologue costs 2-7% at K <= 2048); 2-CTA clusters never won (0.85x at K = 1536)
             if M >= 2048:
-                loop = (not (p["scale_lookahead"] or p["overlap"]), p["overlap"])
+                loop = (not (p["scale_lookahead"] or p["overlap"]), p["overlap"] != (K > 8192))
             else:
                 loop = (p["overlap"] != (K >= 4096), p["scale_lookahead"])
             variant = (p["split_k"] > 1, p["cluster_m"] > 1, *loop, p["epilogue"] != "tma", not p["scale_prefetch"])
