@@ -143,3 +143,19 @@ def test_fp8_gemm_heuristic_picks_the_mainloop_by_m_and_k():
         assert p["overlap"] and p["tile_m"] == 64, shape
     for shape in (dict(M=64, N=7168, K=2048), dict(M=64, N=512, K=128, L=128), dict(M=1024, N=128, K=512, L=128)):
         assert not pick(**shape)["overlap"], shape
+
+
+def test_fp8_gemm_cluster_geometry_and_launch_config(monkeypatch):
+    """2-CTA clusters: grid rows padded to whole clusters, and the cuLaunchKernelEx config carries the shape."""
+    fam = families.get("fp8_gemm")
+    p = fam.validate(dict(cluster_m=2))
+    assert fam.cluster(p) == (2, 1, 1) and fam.cluster(fam.validate({})) == (1, 1, 1)
+    assert fam.grid(p, dict(M=1, N=300, L=3)) == (2, 3, 3)
+    assert fam.grid(p, dict(M=4096, N=7168, L=1)) == (32, 56, 1)
+    assert fam.grid(p, dict(M=4097, N=7168, L=1)) == (34, 56, 1)
+    drv = pytest.importorskip("cuda.bindings.driver")
+    # the config is plain data: build it without cuInit (no driver here)
+    monkeypatch.setattr(runtime, "_driver", lambda: drv)
+    cfg = runtime._launch_config((34, 56, 1), (384, 1, 1), 166336, drv.CUstream(0), (2, 1, 1))
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.blockDimX, cfg.sharedMemBytes, cfg.numAttrs) == (34, 56, 384, 166336, 1)
+    assert cfg.attrs[0].value.clusterDim.x == 2
