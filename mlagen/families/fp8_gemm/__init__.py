@@ -65,11 +65,10 @@ class FP8Gemm(Family):
             errs.append(f"cluster_m={p['cluster_m']} splits the B tile's {p['tile_n']} rows below 8 per CTA")
         if p["stagger"] and p["tile_m"] != 128:
             errs.append("stagger=True orders two MMA warpgroups; it needs tile_m=128")
-        if p["scale_lookahead"] and (p["overlap"] or not p["scale_prefetch"]):
-            errs.append("scale_lookahead=True is written for the scale-prefetch mainloop (overlap=False, "
-                        "scale_prefetch=True)")
-        if p["stagger"] and (p["overlap"] or not p["scale_prefetch"]):
-            errs.append("stagger=True is written for the scale-prefetch mainloop (overlap=False, scale_prefetch=True)")
+        for knob in ("scale_lookahead", "stagger"):
+            if p[knob] and (p["overlap"] or not p["scale_prefetch"]):
+                errs.append(f"{knob}=True is written for the scale-prefetch mainloop (overlap=False, "
+                            "scale_prefetch=True)")
         regs = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64))
         if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
@@ -220,8 +219,8 @@ class FP8Gemm(Family):
                 f"_g{p['m_scale_granularity']}x{p['n_scale_granularity']}" + ("" if p["epilogue"] == "tma" else "_direct")
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
-                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "") + ("_pp" if p["stagger"] else "")
-                + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else ""))
+                + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "")
+                + ("_pp" if p["stagger"] else "") + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else ""))
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
