@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import codegen, families
+from . import codegen, families, sass_patch
 from ._version import DSL_VERSION, __version__
 from .abi import ptx_entries
 from .env import git_commit
@@ -140,6 +140,16 @@ def build(family: str, params: Mapping[str, Any] | None = None, arch: str = "sm_
         raise CompileError(f"{name}: the PTX parameters {sizes} (bytes) differ from the argument layout "
                            f"{want} of {[a.name for a in layout.args]}: the template and the family disagree")
     cubin = (bdir / "kernel.cubin").read_bytes()
+    patches = {}
+    for pname in fam.sass_patches(p):
+        listing = sass(bdir / "kernel.cubin")
+        if not listing:
+            raise CompileError(f"{name}: the SASS patch {pname!r} needs cuobjdump and nvdisasm")
+        try:
+            cubin, patches[pname] = sass_patch.apply(pname, cubin, listing, symbol)
+        except sass_patch.SassPatchError as e:
+            raise CompileError(f"{name}: SASS patch {pname!r}: {e}") from e
+        (bdir / "kernel.cubin").write_bytes(cubin)
     manifest = {
         "schema": SCHEMA_VERSION,
         "family": fam.name,
@@ -157,6 +167,7 @@ def build(family: str, params: Mapping[str, Any] | None = None, arch: str = "sm_
         "smem_bytes": fam.smem_bytes(p),
         "smem_carveout": fam.smem_carveout(p),
         "resources": resource_usage(bdir / "kernel.cubin", symbol),
+        "sass_patches": patches,
         "dsl_version": DSL_VERSION,
         "mlagen_version": __version__,
         "source_sha256": src_hash,

@@ -64,6 +64,11 @@ TEST["fp8_gemm"] = [
      "n_scale_granularity": 128},
     {"cluster_m": 2, "overlap": True, "epilogue": "direct", "tile_n": 64, "m_scale_granularity": 1,
      "n_scale_granularity": 1},
+    # the post-compile FFMA yield edit of the promotion runs (mlagen.sass_patch)
+    {"ffma_yield": 9},
+    {"ffma_yield": 16, "overlap": True},
+    {"ffma_yield": 4, "scale_lookahead": True, "m_scale_granularity": 1, "n_scale_granularity": 1,
+     "tile_n": 64, "stages": 6},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
@@ -173,7 +178,17 @@ BENCH = {
         {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "overlap": True, "persistent": True},
         {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "overlap": True},
         {"tile_m": 64, "tile_n": 64, "stages": 10, "overlap": True},
-        {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True, "cluster_m": 2}],
+        {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True, "cluster_m": 2}] + [
+        # the FFMA yield edit of the promotion runs, on the mainloops prefer picks
+        dict(kw, ffma_yield=fy) for fy in (9, 16) for kw in (
+            {"tile_m": 128, "tile_n": 128, "stages": 4}, {"tile_m": 128, "tile_n": 128, "stages": 5},
+            {"tile_m": 128, "tile_n": 128, "stages": 5, "scale_lookahead": True},
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True},
+            {"tile_m": 128, "tile_n": 128, "stages": 5, "overlap": True},
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "persistent": True},
+            {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True},
+            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
+            {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2})],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))

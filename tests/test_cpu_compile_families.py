@@ -191,3 +191,35 @@ def test_mla_combine_compiles_vectorised_without_spills(params, tmp_path_factory
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx and "shfl.sync.bfly" in ptx
     if m["params"]["part_splits"] > 1:           # the warps of a task meet in shared memory
         assert "bar.sync" in ptx and "st.shared.b32" in ptx and "ld.shared.b32" in ptx
+
+
+def test_fp8_gemm_ffma_yield_edits_only_control_bits(tmp_path_factory):
+    """The ffma_yield SASS edit (mlagen.sass_patch) on an unedited fp8_gemm cubin: reuse FFMAs at the start of
+    the promotion runs lose their reuse and no-yield flags; no other bit of the cubin changes."""
+    from mlagen import sass_patch
+    b, m, _ = _build(tmp_path_factory, "fp8_gemm", {"overlap": True}, "sm_90a")
+    listing = mcompile.sass(b / "kernel.cubin")
+    if not listing:
+        pytest.skip("cuobjdump / nvdisasm not installed")
+    old = (b / "kernel.cubin").read_bytes()
+    new, info = sass_patch.ffma_yield(old, listing, m["kernel_symbol"])
+    assert info["runs"] >= 2 and info["changed"] >= 16, info
+    assert len(new) == len(old)
+    diff = [i for i in range(len(old)) if old[i] != new[i]]
+    assert diff
+    base, _ = sass_patch.text_sections(old)[m["kernel_symbol"]]
+    insns = {i.addr: i for i in sass_patch.parse_sass(listing)[m["kernel_symbol"]]}
+    mask = sass_patch.REUSE | sass_patch.NO_YIELD
+    for addr in sorted({(i - base) // 16 * 16 for i in diff}):
+        ins = insns[addr]
+        assert ins.opcode == "FFMA" and ".reuse" in ins.text, ins.text
+        lo, hi = int.from_bytes(new[base + addr:base + addr + 8], "little"), \
+            int.from_bytes(new[base + addr + 8:base + addr + 16], "little")
+        assert lo == ins.lo and hi == ins.hi & ~mask
+        assert ins.hi & sass_patch.REUSE and ins.hi & sass_patch.NO_YIELD
+    # the bundle built with the knob carries the edit and says so
+    b2, m2, _ = _build(tmp_path_factory, "fp8_gemm", {"overlap": True, "ffma_yield": 9}, "sm_90a")
+    assert m2["sass_patches"]["ffma_yield:9"]["changed"] == info["changed"]
+    listing2 = mcompile.sass(b2 / "kernel.cubin")
+    reuse = [len(re.findall(r"FFMA[^;]*\.reuse", x)) for x in (listing, listing2)]
+    assert reuse[1] < reuse[0]

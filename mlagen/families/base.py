@@ -172,6 +172,10 @@ class Family:
                 t[a.name] = to_torch(prob.inputs[a.name], a.dtype) if a.name in prob.inputs else None
         return t
 
+    def sass_patches(self, p: dict) -> tuple[str, ...]:
+        """Names of :mod:`mlagen.sass_patch` edits applied to the compiled cubin (in order)."""
+        return ()
+
     # ---------------- tuning hooks ----------------
     def tune_companions(self, p: dict) -> list[tuple[str, dict]]:
         """(family, params) of the other kernels a candidate needs to run its call (built beside it)."""

@@ -51,6 +51,10 @@ class FP8Gemm(Family):
                                     "their k tile's wgmma, so one's promotion overlaps the other's MMAs"),
         Param("cluster_m", 1, choices=(1, 2), doc="CTAs per cluster along M; each loads half of the shared B tile "
                                                 "and TMA-multicasts it to both (a quarter less L2 traffic)"),
+        Param("ffma_yield", 0, choices=(0, 4, 9, 16),
+              doc="post-compile SASS edit (mlagen.sass_patch): the first ffma_yield/16 of each promotion FFMA run "
+                  "drop their operand-reuse and no-yield flags, so the scheduler can switch to the other "
+                  "warpgroup's wgmma issue mid-run (0: off)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
     )
@@ -220,7 +224,11 @@ class FP8Gemm(Family):
                 + ("_overlap" if p["overlap"] else "") + (f"_c{p['ctas_per_sm']}" if p["ctas_per_sm"] > 1 else "")
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
                 + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "")
-                + ("_pp" if p["stagger"] else "") + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else ""))
+                + ("_pp" if p["stagger"] else "") + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else "")
+                + (f"_fy{p['ffma_yield']}" if p["ffma_yield"] else ""))
+
+    def sass_patches(self, p):
+        return ((f"ffma_yield:{p['ffma_yield']}",) if p["ffma_yield"] else ())
 
     def check_call(self, p, views, dims, contents: bool = True):
         k = self.name
