@@ -19,8 +19,10 @@ BENCH = bundles_root().parent / "bench"
                     reason="needs build/gpu/bench bundles and results/bench.parquet")
 def test_exported_table_picks_the_measured_best(tmp_path, rng, record_property):
     import torch
-    table = tune.export("results", tmp_path / "dispatch.json")
     kernels = [runtime.load(b) for b in runtime.find_bundles(BENCH, "qk_rmsnorm")]
+    if not kernels:    # a device run that carried only another family's bench bundles
+        pytest.skip(f"no qk_rmsnorm bundles in {BENCH}")
+    table = tune.export("results", tmp_path / "dispatch.json")
     d = runtime.Dispatcher(kernels, table, device_name=torch.cuda.get_device_name(0))
     fam = families.get("qk_rmsnorm")
     for M in (16384, 1000):
