@@ -103,6 +103,14 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 32, "stages": 4, "transposed": True},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "attn_sink": True, "transposed": True},
+    # warpgroup 0 alone dequantises the next tile into a second f16 tile while the MMAs run (16 query rows)
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
+     "transposed": True, "dq_producer": True, "dq_batch": 3},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
+     "dq_producer": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "transposed": True, "dq_producer": True},
     # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
     {"mma": "warp"},
     {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
@@ -199,6 +207,9 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": q, "stages": st, "transposed": True}
         for q in (1, 2) for st in (2, 3, 4)
+    ] + [
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
+         "dq_batch": q} for q in (2, 3, 6)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

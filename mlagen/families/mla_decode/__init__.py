@@ -78,6 +78,10 @@ class MLADecodeFamily(Family):
               doc="compute S^T = K Q^T and O^T = V^T P^T: the tile's 64 tokens and the value dims are the MMA's M, "
                   "all of a sequence's q_len x H query rows (sparse: one query's H) its N, so 16- or 32-row "
                   "problems do not pad to a 64-row MMA (wgmma, tile_n 64, at most 64 rows)"),
+        Param("dq_producer", False,
+              doc="fp8 cache, transposed: warpgroup 0 alone dequantises tile i+1 into a second f16 tile while the "
+                  "MMA warpgroups multiply tile i (per-tile named barriers instead of two CTA-wide ones; two code "
+                  "stages; 16 query rows fit shared memory)"),
         Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
                                                       "loads are issued together before their conversion (at "
                                                       "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
@@ -100,13 +104,14 @@ class MLADecodeFamily(Family):
             given.setdefault("tile_n", 64)
             val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
             rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
-            given.setdefault("stages", 3 if val("transposed") and rows <= 16 else 2)
+            given.setdefault("stages", 3 if val("transposed") and rows <= 16 and not val("dq_producer") else 2)
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
         if p["cache_dtype"] == "bf16":
             p["quant_granularity"] = self.param("quant_granularity").default
             p["dq_batch"] = self.param("dq_batch").default          # unused without an fp8 cache
+            p["dq_producer"] = False
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -148,10 +153,13 @@ class MLADecodeFamily(Family):
         if p["row_loads"] == "gather4" and arch == "sm_90a":
             errs.append("row_loads=gather4 needs sm_100a (TMA gather4 is Blackwell's); sm_90a takes row_loads=tma")
         if p["cache_dtype"] == "f8e4m3":
-            half = self.load_tile(p) * (D // 8) // 384      # pieces per thread of a half tile (all 384 dequantise)
+            # pieces per thread of a half tile (all 384 threads dequantise, or warpgroup 0's 128)
+            half = self.load_tile(p) * (D // 8) // (128 if p["dq_producer"] else 384)
             if half % min(p["dq_batch"], half):
                 errs.append(f"dq_batch={p['dq_batch']} must divide the {half} dequantisation pieces per thread of a "
                             "half tile")
+        if p["dq_producer"] and not (p["cache_dtype"] == "f8e4m3" and p["transposed"]):
+            errs.append("dq_producer=True is written for an fp8 cache with the transposed kernel")
         if p["transposed"]:
             rows = self.rows_per_cta(p)
             if p["mma"] != "wgmma":
@@ -188,7 +196,8 @@ class MLADecodeFamily(Family):
         else:
             # one dequantised f16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
-            kv = tn * D * 2 + p["stages"] * self.load_tile(p) * (640 + 4 * (D // p["quant_granularity"]) + 4)
+            kv = (2 if p["dq_producer"] else 1) * tn * D * 2 + p["stages"] * self.load_tile(p) * (
+                640 + 4 * (D // p["quant_granularity"]) + 4)
         qr = self.rows_per_cta(p)
         # transposed: the partial S^T exchange and the column statistics, padded to the 1024-byte alignment of
         # what follows (an fp8 kernel's code stages)
@@ -288,7 +297,7 @@ class MLADecodeFamily(Family):
                 + ("_mmawarp" if p["mma"] == "warp" else "") + ("_t" if p["transposed"] else "") + ("_g4" if p["row_loads"] == "gather4" else "")
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
-                + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else ""))
+                + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else ""))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
