@@ -81,7 +81,8 @@ class MLADecodeFamily(Family):
         Param("dq_producer", False,
               doc="fp8 cache, transposed: warpgroup 0 alone dequantises tile i+1 into a second f16 tile while the "
                   "MMA warpgroups multiply tile i (per-tile named barriers instead of two CTA-wide ones; two code "
-                  "stages; 16 query rows fit shared memory)"),
+                  "stages; 16 query rows fit shared memory). Correct, but 1-3% slower than the CTA-wide "
+                  "dequantisation at 3 stages on the H200 (44977d3): one warpgroup dequantises a tile in ~2.4 us"),
         Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
                                                       "loads are issued together before their conversion (at "
                                                       "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
@@ -123,8 +124,8 @@ class MLADecodeFamily(Family):
         is a test vehicle); then the transposed kernel where it wins (H200, 3a04c02: an fp8 cache at 16 or 32 query
         rows, 1.2-1.3x; bf16 up to 4k context, 1-7%; bf16 longer contexts are memory-bound and 0-4% slower
         transposed); 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where both ran), page-box
-        loads, then three stages for a transposed fp8 kernel (8-9% faster than two), else the fewest that hold
-        the tile."""
+        loads, the CTA-wide dequantisation (dq_producer was 1-3% slower at 44977d3), then three stages for a
+        transposed fp8 kernel (8-9% faster than two), else the fewest that hold the tile."""
         def transposed_wins(k):
             p = k.params
             return p["cache_dtype"] == "f8e4m3" or int(dims.get("C", 0) or 0) <= 4096
@@ -134,7 +135,8 @@ class MLADecodeFamily(Family):
             return abs(p["stages"] - 3) if p.get("transposed") and p["cache_dtype"] == "f8e4m3" else p["stages"]
         return min(kernels, key=lambda k: (k.params.get("mma", "wgmma") != "wgmma",
                                            bool(k.params.get("transposed")) != transposed_wins(k),
-                                           -k.params["tile_n"], not k.params["page_loads"], stages_rank(k)))
+                                           -k.params["tile_n"], not k.params["page_loads"],
+                                           bool(k.params.get("dq_producer")), stages_rank(k)))
 
     @staticmethod
     def load_tile(p) -> int:
