@@ -64,6 +64,10 @@ TEST["fp8_gemm"] = [
      "n_scale_granularity": 128},
     {"cluster_m": 2, "overlap": True, "epilogue": "direct", "tile_n": 64, "m_scale_granularity": 1,
      "n_scale_granularity": 1},
+    # three MMA warpgroups (192-row tiles: fewer, larger tiles where 128-row tiles leave a partial last wave)
+    {"tile_m": 192},
+    {"tile_m": 192, "stages": 3, "persistent": True, "scale_lookahead": True},
+    {"tile_m": 192, "epilogue": "direct", "tile_n": 64, "stages": 6},
     # the post-compile FFMA yield edit of the promotion runs (mlagen.sass_patch)
     {"ffma_yield": 9},
     {"ffma_yield": 16, "overlap": True},
@@ -187,6 +191,11 @@ BENCH = {
         {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "overlap": True},
         {"tile_m": 64, "tile_n": 64, "stages": 10, "overlap": True},
         {"tile_m": 64, "tile_n": 128, "stages": 6, "overlap": True, "cluster_m": 2}] + [
+        # 192-row tiles (three MMA warpgroups)
+        {"tile_m": 192, "tile_n": 128, "stages": 4}, {"tile_m": 192, "tile_n": 128, "stages": 4, "scale_lookahead": True},
+        {"tile_m": 192, "tile_n": 128, "stages": 4, "persistent": True},
+        {"tile_m": 192, "tile_n": 128, "stages": 3, "persistent": True, "scale_lookahead": True},
+        {"tile_m": 192, "tile_n": 64, "stages": 6}] + [
         # the FFMA yield edit of the promotion runs (no effect beyond noise on the H200 at e1effee: the large
         # shapes run at the 700 W power cap, SM clocks 1485-1980 MHz)
         dict(kw, ffma_yield=9) for kw in (

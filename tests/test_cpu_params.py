@@ -116,11 +116,20 @@ def test_fp8_gemm_register_targets_fit_the_launch_pool():
     """setmaxnreg targets must fit the registers ptxas gives the CTA at launch, else setmaxnreg.inc hangs
     (a hang the tuner found on the H100 for tile_m=128 with 2 CTAs per SM)."""
     fam = families.get("fp8_gemm")
-    for tm in (64, 128):
-        for ctas in (1, 2):
+    for tm in (64, 128, 192):
+        for ctas in (1, 2) if tm < 192 else (1,):
             p = fam.validate({"tile_m": tm, "tile_n": 32, "stages": 3, "ctas_per_sm": ctas})
             producer, consumer = fam.regs(p)
             threads = 128 * (1 + tm // 64)
             launch = min(255, 65536 // (ctas * threads)) // 8 * 8
             assert producer % 8 == 0 and consumer % 8 == 0 and 24 <= producer <= consumer <= 256
             assert 128 * producer + (threads - 128) * consumer <= launch * threads
+
+
+def test_fp8_gemm_rejects_accumulators_the_consumer_registers_cannot_hold():
+    """Three MMA warpgroups (tile_m=192) leave 152 registers per MMA thread: the serial mainloop's accumulator
+    and partial (128) fit, the overlapped one's three (192) do not."""
+    fam = families.get("fp8_gemm")
+    fam.validate({"tile_m": 192, "tile_n": 128})
+    with pytest.raises(ValueError, match="registers per MMA thread"):
+        fam.validate({"tile_m": 192, "tile_n": 128, "overlap": True})

@@ -31,7 +31,7 @@ class FP8Gemm(Family):
     template = "fp8_gemm.py.j2"
     doc = "blockwise-scaled FP8 (e4m3) batched GEMM, bf16 out, TMA + wgmma (sm_90a)"
     params = (
-        Param("tile_m", 128, choices=(64, 128), doc="rows of C per CTA (64 per MMA warpgroup)"),
+        Param("tile_m", 128, choices=(64, 128, 192), doc="rows of C per CTA (64 per MMA warpgroup)"),
         Param("tile_n", 128, choices=(32, 64, 128, 256), doc="columns of C per CTA"),
         Param("stages", 4, choices=(2, 3, 4, 5, 6, 8, 10, 12), doc="shared-memory pipeline stages"),
         Param("m_scale_granularity", 1, choices=(1, 64, 128, 256), doc="rows of A per scale (1 = 1x128 activations)"),
@@ -77,6 +77,10 @@ class FP8Gemm(Family):
         if regs > 192:
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
                         "(accumulator + k-tile partials); at most 192 fit")
+        _, consumer = self.regs(p)
+        if p["ctas_per_sm"] == 1 and regs + 24 > consumer:
+            errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs about {regs + 24} registers per MMA thread "
+                        f"({regs} for accumulators and partials); {1 + p['tile_m'] // 64} warpgroups leave {consumer}")
         if p["ctas_per_sm"] > 1:
             per_sm = 228 * 1024
             if p["ctas_per_sm"] * (self.smem_bytes(p) + 1024) > per_sm:
