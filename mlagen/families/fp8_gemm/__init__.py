@@ -124,7 +124,12 @@ class FP8Gemm(Family):
             tiles = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
             variant += (p["persistent"] != (tiles > 2 * sms * p["ctas_per_sm"] and K <= 4096),)
             if M >= 2048:
-                return (variant, (p["tile_m"], p["tile_n"]) != (128, 128), p["ctas_per_sm"], abs(p["stages"] - 4))
+                # wave quantisation: rounds of one tile per SM, weighted by the tile's area (128x128 = 1); 192-row
+                # tiles win where 128-row ones leave a small last wave (H200, 768ae59: 143 against 155 us at
+                # 4096x2112x7168, where 544 tiles make 4.1 waves and 374 make 2.8); ties keep 128x128
+                waves = -(-tiles // (sms * p["ctas_per_sm"])) * p["tile_m"] * p["tile_n"] / (128 * 128)
+                return (variant, p["tile_m"] == 64, waves, (p["tile_m"], p["tile_n"]) != (128, 128),
+                        p["ctas_per_sm"], abs(p["stages"] - 4))
             ctas = -(-M // p["tile_m"]) * -(-N // p["tile_n"]) * L
             # tiles with about a wave of CTAs first, widest first; then the rest, narrowest first
             width = -p["tile_n"] if ctas >= 0.8 * sms else 1000 + p["tile_n"]
