@@ -138,7 +138,8 @@ def ffma_yield(cubin: bytes, sass: str, symbol: str, fraction: float = 9 / 16, m
     return bytes(buf), {"runs": len(runs), "ffma": sum(len(r) for r in runs), "changed": changed}
 
 
-PATCHES = {"ffma_yield": ffma_yield}
+# name -> edit(cubin, sass, symbol, arg); ``arg`` is the text after the colon of a ``name:arg`` spec ('' if none)
+PATCHES = {"ffma_yield": lambda cubin, sass, symbol, arg: ffma_yield(cubin, sass, symbol, fraction=int(arg or 9) / 16)}
 
 
 def apply(spec: str, cubin: bytes, sass: str, symbol: str) -> tuple[bytes, dict]:
@@ -146,6 +147,4 @@ def apply(spec: str, cubin: bytes, sass: str, symbol: str) -> tuple[bytes, dict]
     name, _, arg = spec.partition(":")
     if name not in PATCHES:
         raise SassPatchError(f"unknown SASS patch {name!r} (known: {sorted(PATCHES)})")
-    if name == "ffma_yield":
-        return ffma_yield(cubin, sass, symbol, fraction=int(arg or 9) / 16)
-    return PATCHES[name](cubin, sass, symbol)
+    return PATCHES[name](cubin, sass, symbol, arg)

@@ -78,19 +78,16 @@ class FP8Gemm(Family):
             errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs {regs} accumulator registers per thread "
                         "(accumulator + k-tile partials); at most 192 fit")
         _, consumer = self.regs(p)
-        if p["ctas_per_sm"] == 1 and regs + 24 > consumer:
-            errs.append(f"tile {p['tile_m']}x{p['tile_n']} needs about {regs + 24} registers per MMA thread "
-                        f"({regs} for accumulators and partials); {1 + p['tile_m'] // 64} warpgroups leave {consumer}")
+        need = regs + (24 if p["ctas_per_sm"] == 1 else 40)
+        if consumer < need:
+            errs.append(f"{p['ctas_per_sm']} CTA(s) per SM of {1 + p['tile_m'] // 64} warpgroups leave {consumer} "
+                        f"registers per MMA thread; the {p['tile_m']}x{p['tile_n']} accumulators and k-tile partials "
+                        f"({regs}) need about {need}")
         if p["ctas_per_sm"] > 1:
             per_sm = 228 * 1024
             if p["ctas_per_sm"] * (self.smem_bytes(p) + 1024) > per_sm:
                 errs.append(f"{p['ctas_per_sm']} CTAs per SM need {p['ctas_per_sm']} x {self.smem_bytes(p)} bytes of "
                             f"shared memory; an SM has {per_sm}: lower stages")
-            _, consumer = self.regs(p)
-            need = (3 if p["overlap"] else 2) * p["tile_m"] * p["tile_n"] // (128 * (p["tile_m"] // 64)) + 40
-            if consumer < need:
-                errs.append(f"{p['ctas_per_sm']} CTAs per SM leave {consumer} registers per MMA thread; the "
-                            f"{p['tile_m']}x{p['tile_n']} accumulators need about {need}")
         for g, t in (("m_scale_granularity", "tile_m"), ("n_scale_granularity", "tile_n")):
             if p[g] > 1 and p[g] % p[t] and p[t] % p[g]:
                 errs.append(f"{g}={p[g]} must divide or be a multiple of {t}={p[t]}")

@@ -173,7 +173,8 @@ class MLADecodeFamily(Family):
                             f"{'num_heads' if p['sparse'] else 'num_heads x q_len'} = {rows}")
         if self.smem_bytes(p) + 1024 > 232448:
             per = ("tile_n x 1152 B" if p["cache_dtype"] == "bf16" else
-                   "tile_n/2 x (644 + 4 x 576/quant_granularity) B, + one dequantised tile of tile_n x 1152 B")
+                   "tile_n/2 x (644 + 4 x 576/quant_granularity) B, + one (dq_producer: two) dequantised tile(s) of "
+                   "tile_n x 1152 B")
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
                         f"(Q 72 KiB + stages x {per})")
         return errs
