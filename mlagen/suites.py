@@ -115,6 +115,15 @@ TEST["mla_decode"] = [
      "dq_producer": True},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "transposed": True, "dq_producer": True},
+    # one MMA warpgroup (all of S^T and O^T); warpgroups 0 and 1 dequantise the next tile
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
+     "mma_warpgroups": 1},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
+     "transposed": True, "dq_producer": True, "mma_warpgroups": 1, "dq_batch": 9},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
+     "dq_producer": True, "mma_warpgroups": 1},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True, "transposed": True, "dq_producer": True, "mma_warpgroups": 1},
     # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
     {"mma": "warp"},
     {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
@@ -219,6 +228,9 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
          "dq_batch": q} for q in (2, 3, 6)
+    ] + [
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
+         "mma_warpgroups": 1, "dq_batch": q} for q in (3, 9)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

@@ -127,7 +127,8 @@ def _check_mla_decode(b, m, ptx):
         assert g and g[0]["fixed"] == [[2, "layer_idx"]], "the gather4 map: one layer's (slots, 576) slice"
     else:
         assert "gather4" not in ptx
-    regs = (96, 200) if p["cache_dtype"] == "f8e4m3" else (40, 232)      # warpgroup 0 dequantises fp8
+    # warpgroup 0 dequantises fp8 (with one MMA warpgroup, warpgroups 0 and 1: 2 x 152 + 200 <= 3 x 168)
+    regs = ((96 if p["mma_warpgroups"] == 2 else 152), 200) if p["cache_dtype"] == "f8e4m3" else (40, 232)
     assert (f"setmaxnreg.dec.sync.aligned.u32 \t{regs[0]};" in ptx
             and f"setmaxnreg.inc.sync.aligned.u32 \t{regs[1]};" in ptx)
     assert "ex2.approx" in ptx and "shfl.sync.bfly" in ptx, "online softmax"
@@ -144,6 +145,9 @@ def _check_mla_decode(b, m, ptx):
             # S^T = K Q^T and O^T = V^T P^T: 64-row wgmmas with the query rows as N, nothing wider
             assert re.search(rf"HGMMA\.64x{rows}x16\.F32" + ty, sass), "the query rows are the MMA's N"
             assert not re.search(r"HGMMA\.64x(?!%d)\d+x16\.F32" % rows, sass), "no padded 64-row query MMA"
+            if p["mma_warpgroups"] == 1:
+                # one warpgroup issues all of a tile's MMAs once: 36 k steps of S^T, 8 value blocks x 4 of O^T
+                assert len(re.findall(rf"HGMMA\.64x{rows}x16\.F32", sass)) == 36 + 32, "one MMA warpgroup"
         else:
             assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
             assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile each"

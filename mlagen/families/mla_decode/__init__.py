@@ -83,9 +83,16 @@ class MLADecodeFamily(Family):
                   "MMA warpgroups multiply tile i (per-tile named barriers instead of two CTA-wide ones; two code "
                   "stages; 16 query rows fit shared memory). Correct, but 1-3% slower than the CTA-wide "
                   "dequantisation at 3 stages on the H200 (44977d3): one warpgroup dequantises a tile in ~2.4 us"),
-        Param("dq_batch", 6, choices=(2, 3, 6), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
-                                                      "loads are issued together before their conversion (at "
-                                                      "most the pieces of a half tile: 6 at tile_n 64, 3 at 32)"),
+        Param("mma_warpgroups", 2, choices=(2, 1),
+              doc="fp8 cache, transposed, dq_producer: 2 (warpgroups 1 and 2 split S^T's dims and O^T's value dims, "
+                  "warpgroup 0 dequantises), or 1 (warpgroup 2 computes all of S^T and O^T with no partial-sum "
+                  "exchange while warpgroups 0 and 1 both dequantise the next tile: twice the dequantisation "
+                  "threads, and MMAs that overlap it)"),
+        Param("dq_batch", 6, choices=(2, 3, 6, 9), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
+                                                         "loads are issued together before their conversion (at "
+                                                         "most, and dividing, the pieces of a half tile per "
+                                                         "dequantising thread: 6 at tile_n 64 over 384 threads, 9 "
+                                                         "over 256, 18 over 128)"),
     )
     shape_params = ("num_heads", "q_len", "page_size", "cache_dtype", "quant_granularity", "sparse", "topk", "causal",
                     "attn_sink")
@@ -106,6 +113,8 @@ class MLADecodeFamily(Family):
             val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
             rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
             given.setdefault("stages", 3 if val("transposed") and rows <= 16 and not val("dq_producer") else 2)
+            if val("mma_warpgroups") == 1:
+                given.setdefault("dq_batch", 3)      # 9 pieces per thread per half tile over 256 threads
         p = super().validate(given, arch)
         if not p["sparse"]:
             p["topk"] = self.param("topk").default
@@ -113,6 +122,7 @@ class MLADecodeFamily(Family):
             p["quant_granularity"] = self.param("quant_granularity").default
             p["dq_batch"] = self.param("dq_batch").default          # unused without an fp8 cache
             p["dq_producer"] = False
+            p["mma_warpgroups"] = 2
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -155,13 +165,15 @@ class MLADecodeFamily(Family):
         if p["row_loads"] == "gather4" and arch == "sm_90a":
             errs.append("row_loads=gather4 needs sm_100a (TMA gather4 is Blackwell's); sm_90a takes row_loads=tma")
         if p["cache_dtype"] == "f8e4m3":
-            # pieces per thread of a half tile (all 384 threads dequantise, or warpgroup 0's 128)
-            half = self.load_tile(p) * (D // 8) // (128 if p["dq_producer"] else 384)
+            # pieces per thread of a half tile (all 384 threads dequantise, or the producer warpgroups' 128 / 256)
+            half = self.load_tile(p) * (D // 8) // self.dq_threads(p)
             if half % min(p["dq_batch"], half):
                 errs.append(f"dq_batch={p['dq_batch']} must divide the {half} dequantisation pieces per thread of a "
                             "half tile")
         if p["dq_producer"] and not (p["cache_dtype"] == "f8e4m3" and p["transposed"]):
             errs.append("dq_producer=True is written for an fp8 cache with the transposed kernel")
+        if p["mma_warpgroups"] == 1 and not p["dq_producer"]:
+            errs.append("mma_warpgroups=1 needs dq_producer=True (the warpgroups that do not multiply dequantise)")
         if p["transposed"]:
             rows = self.rows_per_cta(p)
             if p["mma"] != "wgmma":
@@ -178,6 +190,12 @@ class MLADecodeFamily(Family):
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
                         f"(Q 72 KiB + stages x {per})")
         return errs
+
+    @staticmethod
+    def dq_threads(p) -> int:
+        """fp8: the threads that dequantise: all 384, or (dq_producer) the 128 x (3 - mma_warpgroups) that do not
+        multiply."""
+        return 128 * (3 - p["mma_warpgroups"]) if p["dq_producer"] else 384
 
     @staticmethod
     def rows_per_cta(p) -> int:
@@ -204,7 +222,9 @@ class MLADecodeFamily(Family):
         qr = self.rows_per_cta(p)
         # transposed: the partial S^T exchange and the column statistics, padded to the 1024-byte alignment of
         # what follows (an fp8 kernel's code stages)
-        extra = -(-(512 * qr + 32 * qr) // 1024) * 1024 if p["transposed"] else 0
+        # (one MMA warpgroup exchanges no partial sums)
+        xs = 512 * qr if p["mma_warpgroups"] == 2 else 0
+        extra = -(-(xs + 32 * qr) // 1024) * 1024 if p["transposed"] else 0
         return 1024 + qr * D * 2 + kv + qr * tn * 2 + extra
 
     def smem_carveout(self, p):
@@ -300,7 +320,8 @@ class MLADecodeFamily(Family):
                 + ("_mmawarp" if p["mma"] == "warp" else "") + ("_t" if p["transposed"] else "") + ("_g4" if p["row_loads"] == "gather4" else "")
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
-                + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else ""))
+                + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else "")
+                + ("_mwg1" if p["mma_warpgroups"] == 1 else ""))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
