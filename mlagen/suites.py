@@ -124,6 +124,15 @@ TEST["mla_decode"] = [
      "dq_producer": True, "mma_warpgroups": 1},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "attn_sink": True, "transposed": True, "dq_producer": True, "mma_warpgroups": 1},
+    # several independent S accumulators (s_chains)
+    {"num_heads": 128, "q_len": 2, "s_chains": 2},
+    {"num_heads": 64, "sparse": True, "topk": 256, "attn_sink": True, "s_chains": 2},
+    {"num_heads": 16, "q_len": 2, "attn_sink": True, "page_size": 16, "transposed": True, "s_chains": 2},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "s_chains": 4},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True, "transposed": True, "dq_producer": True, "s_chains": 4},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
+     "dq_producer": True, "mma_warpgroups": 1, "s_chains": 4},
     # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
     {"mma": "warp"},
     {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
@@ -231,6 +240,18 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
          "mma_warpgroups": 1, "dq_batch": q} for q in (3, 9)
+    ] + [
+        # independent S accumulators
+        {"num_heads": 128, "q_len": q, "tile_n": 64, "stages": 2, "s_chains": 2} for q in (1, 2)
+    ] + [
+        {"num_heads": 16, "q_len": 1, "transposed": True, "s_chains": 4},
+        {"num_heads": 16, "q_len": 2, "transposed": True, "s_chains": 2},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "s_chains": 2},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "s_chains": 4},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
+         "s_chains": 4},
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
+         "mma_warpgroups": 1, "s_chains": 4},
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

@@ -88,6 +88,10 @@ class MLADecodeFamily(Family):
                   "warpgroup 0 dequantises), or 1 (warpgroup 2 computes all of S^T and O^T with no partial-sum "
                   "exchange while warpgroups 0 and 1 both dequantise the next tile: twice the dequantisation "
                   "threads, and MMAs that overlap it)"),
+        Param("s_chains", 1, choices=(1, 2, 4),
+              doc="wgmma: independent accumulators that S's (S^T's) 36 k steps round-robin over, summed afterwards. "
+                  "Each 64 x 16 or 64 x 32 x 16 step is a few cycles of tensor math, so one accumulator makes a "
+                  "latency-bound chain of dependent wgmmas"),
         Param("dq_batch", 6, choices=(2, 3, 6, 9), doc="fp8 cache: 8-element pieces per thread whose shared-memory "
                                                          "loads are issued together before their conversion (at "
                                                          "most, and dividing, the pieces of a half tile per "
@@ -172,6 +176,13 @@ class MLADecodeFamily(Family):
                             "half tile")
         if p["dq_producer"] and not (p["cache_dtype"] == "f8e4m3" and p["transposed"]):
             errs.append("dq_producer=True is written for an fp8 cache with the transposed kernel")
+        if p["s_chains"] > 1 and p["mma"] != "wgmma":
+            errs.append("s_chains > 1 is written for mma=wgmma (mma.sync steps are synchronous)")
+        elif p["s_chains"] > 1:
+            acc, cap = self.accumulator_regs(p)
+            if acc > cap:
+                errs.append(f"s_chains={p['s_chains']}: O and the S chains take {acc} accumulator registers per MMA "
+                            f"thread, over the {cap} this kernel holds without spilling")
         if p["mma_warpgroups"] == 1 and not p["dq_producer"]:
             errs.append("mma_warpgroups=1 needs dq_producer=True (the warpgroups that do not multiply dequantise)")
         if p["transposed"]:
@@ -190,6 +201,19 @@ class MLADecodeFamily(Family):
             errs.append(f"tile_n={p['tile_n']} with {p['stages']} stages does not fit shared memory "
                         f"(Q 72 KiB + stages x {per})")
         return errs
+
+    def accumulator_regs(self, p) -> tuple[int, int]:
+        """float32 accumulator registers per MMA thread (O plus s_chains S tiles) and the most this kernel holds
+        without spilling (ptxas, CUTLASS DSL 4.8.1: the CTA-wide fp8 dequantisation and a q_len 2 mask keep more
+        live beside them)."""
+        if p["transposed"]:
+            qr = self.rows_per_cta(p)
+            acc = (DV // p["mma_warpgroups"]) * qr // 128 + p["s_chains"] * p["tile_n"] * qr // 128
+            cap = 64 if p["cache_dtype"] == "f8e4m3" and not p["dq_producer"] else 96
+        else:
+            acc = BM * (DV // 2) // 128 + p["s_chains"] * BM * (p["tile_n"] // 2) // 128
+            cap = 128 if p["cache_dtype"] == "f8e4m3" else 160
+        return acc, cap
 
     @staticmethod
     def dq_threads(p) -> int:
@@ -321,7 +345,8 @@ class MLADecodeFamily(Family):
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else "")
-                + ("_mwg1" if p["mma_warpgroups"] == 1 else ""))
+                + ("_mwg1" if p["mma_warpgroups"] == 1 else "")
+                + (f"_sc{p['s_chains']}" if p["s_chains"] != 1 else ""))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
