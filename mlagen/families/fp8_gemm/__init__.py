@@ -57,12 +57,35 @@ class FP8Gemm(Family):
                   "warpgroup's wgmma issue mid-run (0: off; within noise on the H200 at e1effee)"),
         Param("epilogue", "tma", choices=("tma", "direct"),
               doc="tma: bf16 tile staged in shared memory, one TMA store; direct: per-element global stores"),
+        Param("c_swizzle", True,
+              doc="tma epilogue: the shared-memory C tile is 128-byte swizzled (conflict-free 32-bit stores of "
+                  "accumulator pairs, one TMA store box per 64 columns) instead of plain row-major (8-way bank "
+                  "conflicts: ~2000 wavefronts a 128x128 tile, the bulk of a K=128 BMM's time). Default off for "
+                  "tile_m=192 and overlap=True, where the swizzled addresses spill"),
     )
     shape_params = ("m_scale_granularity", "n_scale_granularity")
     arches = ("sm_90a",)     # wgmma; the sm_100a (tcgen05) variant is not written yet
 
+    def validate(self, given=None, arch="sm_90a"):
+        given = dict(given or {})
+        val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
+        given.setdefault("c_swizzle", not self._swizzle_spills(val("tile_m"), val("overlap")))
+        p = super().validate(given, arch)
+        if p["epilogue"] != "tma":
+            p["c_swizzle"] = True            # no shared-memory C tile: one bundle per distinct kernel
+        return p
+
+    @staticmethod
+    def _swizzle_spills(tile_m, overlap) -> bool:
+        """Where the swizzled C tile's stores spill (ptxas, CUTLASS DSL 4.8.1): three MMA warpgroups at 152
+        registers, or the overlapped mainloop's second partial."""
+        return tile_m == 192 or bool(overlap)
+
     def constraints(self, p, arch):
         errs = []
+        if p["c_swizzle"] and p["epilogue"] == "tma" and self._swizzle_spills(p["tile_m"], p["overlap"]):
+            errs.append("c_swizzle=True spills with tile_m=192 or overlap=True (ptxas keeps the swizzled store "
+                        "addresses live beside the accumulators and k-tile partials); take c_swizzle=False")
         if p["cluster_m"] > 1 and (p["persistent"] or p["split_k"] > 1):
             errs.append("cluster_m > 1 is written for one tile per CTA (persistent=False, split_k=1)")
         if p["cluster_m"] > 1 and p["tile_n"] // p["cluster_m"] < 8:
@@ -154,6 +177,7 @@ class FP8Gemm(Family):
         return 100        # the template's launch declares the maximum carveout
 
     def smem_bytes(self, p):
+        # (a swizzled tile wants 1024-byte alignment: it follows sA and sB, whose sizes are multiples of 1024)
         epi = p["tile_m"] * p["tile_n"] * 2 + 128 if p["epilogue"] == "tma" else 0
         return p["stages"] * (p["tile_m"] + p["tile_n"]) * TILE_K + 2 * 1024 + 16 * p["stages"] + 256 + epi
 
@@ -183,7 +207,9 @@ class FP8Gemm(Family):
                       host_only=p["epilogue"] == "tma"),
         ]
         if p["epilogue"] == "tma":
-            args += [TensorMapArg("tma_c", "c", (tn, tm, 1), swizzle=0, l2_promotion=0, modes=(1, 0, 2)),
+            # a swizzled C tile goes out in boxes of at most 64 columns (128 bytes, the swizzle span)
+            box, sw = ((min(tn, 64), min(128, 2 * tn)) if p["c_swizzle"] else (tn, 0))
+            args += [TensorMapArg("tma_c", "c", (box, tm, 1), swizzle=sw, l2_promotion=0, modes=(1, 0, 2)),
                      CoordArg("coord_c", "c")]
         args += [
             TensorArg("sa", "f32", ("MS", "KS", "L"), ("s1m", "s1k", "s1l"), 4, "in", "A scales"),
@@ -231,7 +257,7 @@ class FP8Gemm(Family):
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
                 + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "")
                 + ("_pp" if p["stagger"] else "") + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else "")
-                + (f"_fy{p['ffma_yield']}" if p["ffma_yield"] else ""))
+                + (f"_fy{p['ffma_yield']}" if p["ffma_yield"] else "") + ("" if p["c_swizzle"] else "_cu"))
 
     def sass_patches(self, p):
         return ((f"ffma_yield:{p['ffma_yield']}",) if p["ffma_yield"] else ())
