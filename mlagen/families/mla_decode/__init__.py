@@ -138,8 +138,9 @@ class MLADecodeFamily(Family):
         is a test vehicle); then the transposed kernel where it wins (H200, 3a04c02: an fp8 cache at 16 or 32 query
         rows, 1.2-1.3x; bf16 up to 4k context, 1-7%; bf16 longer contexts are memory-bound and 0-4% slower
         transposed); 64-token tiles (1.0-1.2x faster than 32 in every H100 bench row where both ran), page-box
-        loads, the CTA-wide dequantisation (dq_producer was 1-3% slower at 44977d3), then three stages for a
-        transposed fp8 kernel (8-9% faster than two), else the fewest that hold the tile."""
+        loads, the CTA-wide dequantisation (dq_producer was 1-3% slower at 44977d3, and 4-5% with one MMA
+        warpgroup at fbee4ef), one S accumulator (s_chains 2 / 4 were 0-4% slower in every H200 row at a002446),
+        then three stages for a transposed fp8 kernel (8-9% faster than two), else the fewest that hold the tile."""
         def transposed_wins(k):
             p = k.params
             return p["cache_dtype"] == "f8e4m3" or int(dims.get("C", 0) or 0) <= 4096
@@ -150,7 +151,8 @@ class MLADecodeFamily(Family):
         return min(kernels, key=lambda k: (k.params.get("mma", "wgmma") != "wgmma",
                                            bool(k.params.get("transposed")) != transposed_wins(k),
                                            -k.params["tile_n"], not k.params["page_loads"],
-                                           bool(k.params.get("dq_producer")), stages_rank(k)))
+                                           bool(k.params.get("dq_producer")), k.params.get("mma_warpgroups", 2) != 2,
+                                           k.params.get("s_chains", 1) != 1, stages_rank(k)))
 
     @staticmethod
     def load_tile(p) -> int:
