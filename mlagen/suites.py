@@ -133,14 +133,6 @@ TEST["mla_decode"] = [
      "attn_sink": True, "transposed": True, "dq_producer": True, "s_chains": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
      "dq_producer": True, "mma_warpgroups": 1, "s_chains": 4},
-    # K straight into registers as S^T's A operand (k_regs)
-    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "k_regs": True},
-    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
-     "transposed": True, "k_regs": True},
-    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
-     "k_regs": True, "stages": 2},
-    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
-     "attn_sink": True, "transposed": True, "k_regs": True},
     # warp-level MMA (mma.sync + ldmatrix): the compute path of the sm_100a variant, run here on Hopper
     {"mma": "warp"},
     {"mma": "warp", "num_heads": 64, "sparse": True, "topk": 256},
@@ -260,9 +252,6 @@ BENCH = {
          "s_chains": 4},
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_producer": True,
          "mma_warpgroups": 1, "s_chains": 4},
-    ] + [
-        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "k_regs": True,
-         "stages": st} for st in (2, 3, 4)
     ],
     "mla_combine": [{"num_heads": h, "q_len": q, "out_dtype": o} for h in (16, 128) for q in (1, 2)
                     for o in ("bf16", "f8e4m3")] + [

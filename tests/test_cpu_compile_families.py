@@ -103,11 +103,6 @@ def _check_mla_decode(b, m, ptx):
         # known: at the 168-register launch cap ptxas keeps some mma.sync fragments on the stack (the warpgroup
         # MMA reads its operands from shared memory and has none); no local arrays
         assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 1024
-    elif fp8 and p["k_regs"]:
-        # known: with K's 72 registers of A values live, ptxas (at the 168-register launch cap; setmaxnreg does not
-        # raise its budget) parks ~10 loop-invariant values on a <= 48-byte stack: one STL each before the loop,
-        # ~10 LDL a tile beside ~2100 shared-memory wavefronts; no local arrays
-        assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 48
     elif fp8:
         # known: ptxas keeps one 4-byte value on an 8-byte stack frame across warpgroup 0's setmaxnreg (one STL at
         # entry, a few LDL); no local arrays, no spills in the loops
@@ -150,10 +145,6 @@ def _check_mla_decode(b, m, ptx):
             # S^T = K Q^T and O^T = V^T P^T: 64-row wgmmas with the query rows as N, nothing wider
             assert re.search(rf"HGMMA\.64x{rows}x16\.F32" + ty, sass), "the query rows are the MMA's N"
             assert not re.search(r"HGMMA\.64x(?!%d)\d+x16\.F32" % rows, sass), "no padded 64-row query MMA"
-            if p["k_regs"]:
-                # S^T's 2 x 18 wgmmas take K from registers (HGMMA R, R, gdesc); O^T's 16 read V from shared memory
-                assert len(re.findall(rf"HGMMA\.64x{rows}x16\.F32 R\d+, R\d+, gdesc", sass)) == 36, "K in registers"
-                assert len(re.findall(rf"HGMMA\.64x{rows}x16\.F32 R\d+, gdesc\[UR\d+\]\.tnspA", sass)) == 16
             if p["mma_warpgroups"] == 1:
                 # one warpgroup issues all of a tile's MMAs once: 36 k steps of S^T, 8 value blocks x 4 of O^T
                 assert len(re.findall(rf"HGMMA\.64x{rows}x16\.F32", sass)) == 36 + 32, "one MMA warpgroup"

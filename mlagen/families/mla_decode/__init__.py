@@ -88,10 +88,6 @@ class MLADecodeFamily(Family):
                   "warpgroup 0 dequantises), or 1 (warpgroup 2 computes all of S^T and O^T with no partial-sum "
                   "exchange while warpgroups 0 and 1 both dequantise the next tile: twice the dequantisation "
                   "threads, and MMAs that overlap it)"),
-        Param("k_regs", False,
-              doc="fp8 cache, transposed: the MMA threads load the codes straight into registers as the S^T wgmma's A "
-                  "operand (each 32-dim chunk permuted, Q likewise) and write only V's f16 into shared memory, so the "
-                  "S^T wgmmas read no f16 tile: ~25% fewer shared-memory wavefronts a tile; warpgroup 0 only issues loads"),
         Param("s_chains", 1, choices=(1, 2, 4),
               doc="wgmma: independent accumulators that S's (S^T's) 36 k steps round-robin over, summed afterwards. "
                   "Each 64 x 16 or 64 x 32 x 16 step is a few cycles of tensor math, so one accumulator makes a "
@@ -131,7 +127,6 @@ class MLADecodeFamily(Family):
             p["dq_batch"] = self.param("dq_batch").default          # unused without an fp8 cache
             p["dq_producer"] = False
             p["mma_warpgroups"] = 2
-            p["k_regs"] = False
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -190,10 +185,6 @@ class MLADecodeFamily(Family):
             if acc > cap:
                 errs.append(f"s_chains={p['s_chains']}: O and the S chains take {acc} accumulator registers per MMA "
                             f"thread, over the {cap} this kernel holds without spilling")
-        if p["k_regs"] and not (p["cache_dtype"] == "f8e4m3" and p["transposed"] and not p["dq_producer"]
-                                and p["s_chains"] == 1 and self.rows_per_cta(p) <= 16):
-            errs.append("k_regs=True is written for an fp8 cache, transposed, CTA-wide loads (dq_producer=False), "
-                        "s_chains=1 and at most 16 query rows")
         if p["mma_warpgroups"] == 1 and not p["dq_producer"]:
             errs.append("mma_warpgroups=1 needs dq_producer=True (the warpgroups that do not multiply dequantise)")
         if p["transposed"]:
@@ -357,7 +348,7 @@ class MLADecodeFamily(Family):
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else "")
                 + ("_mwg1" if p["mma_warpgroups"] == 1 else "")
-                + (f"_sc{p['s_chains']}" if p["s_chains"] != 1 else "") + ("_kr" if p["k_regs"] else ""))
+                + (f"_sc{p['s_chains']}" if p["s_chains"] != 1 else ""))
 
     def scalar_default(self, p, name):
         return {"layer_idx": 0, "softmax_scale": 1.0 / math.sqrt(192.0), "kv_len_offset": 0}.get(name)
