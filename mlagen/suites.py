@@ -73,6 +73,12 @@ TEST["fp8_gemm"] = [
     {"ffma_yield": 16, "overlap": True},
     {"ffma_yield": 4, "scale_lookahead": True, "m_scale_granularity": 1, "n_scale_granularity": 1,
      "tile_n": 64, "stages": 6},
+    # two shared-memory C tiles in the persistent epilogue (two TMA stores in flight per CTA)
+    {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True, "c_stages": 2},
+    {"persistent": True, "c_stages": 2, "m_scale_granularity": 128, "n_scale_granularity": 128},
+    {"persistent": True, "c_stages": 2, "stagger": True, "scale_lookahead": True, "tile_n": 64, "stages": 6,
+     "m_scale_granularity": 1, "n_scale_granularity": 1},
+    {"tile_m": 192, "persistent": True, "c_stages": 2, "stages": 3},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
@@ -219,7 +225,15 @@ BENCH = {
         dict(kw, ffma_yield=9) for kw in (
             {"tile_m": 128, "tile_n": 128, "stages": 4}, {"tile_m": 128, "tile_n": 128, "stages": 5, "scale_lookahead": True},
             {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True},
-            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2})],
+            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2})] + [
+        # two shared-memory C tiles (persistent): the write-bound short-K BMMs and large shapes
+        dict(kw, persistent=True, c_stages=2) for kw in (
+            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
+            {"tile_m": 64, "tile_n": 64, "stages": 4, "ctas_per_sm": 2},
+            {"tile_m": 64, "tile_n": 128, "stages": 6},
+            {"tile_m": 128, "tile_n": 128, "stages": 4},
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True},
+            {"tile_m": 192, "tile_n": 128, "stages": 3})],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))

@@ -56,6 +56,11 @@ def test_fp8_gemm_uses_tma_and_fp8_wgmma(params, tmp_path_factory):
     assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx, "TMA loads of A and B"
     if p["epilogue"] == "tma":
         assert "cp.async.bulk.tensor.3d.global.shared::cta" in ptx, "TMA store of C"
+        if p["persistent"]:
+            # the epilogue waits for the store that last used its C tile: with c_stages tiles, c_stages - 1
+            # stores stay in flight; every store reads sC at an offset that follows the tile (not a constant)
+            waits = re.findall(r"cp\.async\.bulk\.wait_group\.read \t(\d+);", ptx)
+            assert sorted(set(waits)) == sorted({str(p["c_stages"] - 1), "0"}), waits
     fam = families.get("fp8_gemm")
     if p["cluster_m"] > 1:
         # B goes to both CTAs of the cluster; each loads a 1/cluster_m box of it, as the runtime's map declares

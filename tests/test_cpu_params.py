@@ -133,3 +133,19 @@ def test_fp8_gemm_rejects_accumulators_the_consumer_registers_cannot_hold():
     fam.validate({"tile_m": 192, "tile_n": 128})
     with pytest.raises(ValueError, match="registers per MMA thread"):
         fam.validate({"tile_m": 192, "tile_n": 128, "overlap": True})
+
+
+def test_fp8_gemm_c_stages_needs_the_persistent_tma_epilogue_and_counts_its_shared_memory():
+    """Two C tiles only make sense where one CTA stores several tiles; each adds tile_m x tile_n bf16 of shared
+    memory, which the two-CTAs-per-SM budget must still hold."""
+    fam = families.get("fp8_gemm")
+    one = fam.validate({"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True})
+    two = fam.validate({"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True, "c_stages": 2})
+    assert fam.smem_bytes(two) - fam.smem_bytes(one) == 64 * 128 * 2
+    assert fam.kernel_name(two) == fam.kernel_name(one) + "_cb2"
+    for bad in ({"c_stages": 2}, {"c_stages": 2, "persistent": True, "split_k": 2},
+                {"c_stages": 2, "persistent": True, "epilogue": "direct"}):
+        with pytest.raises(ValueError, match="c_stages > 1"):
+            fam.validate(bad)
+    with pytest.raises(ValueError, match="shared memory"):
+        fam.validate({"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2, "persistent": True, "c_stages": 2})

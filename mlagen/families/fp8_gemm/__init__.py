@@ -62,6 +62,10 @@ class FP8Gemm(Family):
                   "accumulator pairs, one TMA store box per 64 columns) instead of plain row-major (8-way bank "
                   "conflicts: ~2000 wavefronts a 128x128 tile, the bulk of a K=128 BMM's time). Default off for "
                   "tile_m=192 and overlap=True, where the swizzled addresses spill"),
+        Param("c_stages", 1, choices=(1, 2),
+              doc="persistent tma epilogue: shared-memory C tiles; with 2, tile j's epilogue writes C tile j % 2 and "
+                  "waits only for the store of tile j - 2, so two TMA stores per CTA stay in flight (for the "
+                  "write-bound short-K shapes, e.g. q_nope @ w_uk with K=128)"),
     )
     shape_params = ("m_scale_granularity", "n_scale_granularity")
     arches = ("sm_90a",)     # wgmma; the sm_100a (tcgen05) variant is not written yet
@@ -86,6 +90,9 @@ class FP8Gemm(Family):
         if p["c_swizzle"] and p["epilogue"] == "tma" and self._swizzle_spills(p["tile_m"], p["overlap"]):
             errs.append("c_swizzle=True spills with tile_m=192 or overlap=True (ptxas keeps the swizzled store "
                         "addresses live beside the accumulators and k-tile partials); take c_swizzle=False")
+        if p["c_stages"] > 1 and not (p["persistent"] and p["split_k"] == 1 and p["epilogue"] == "tma"):
+            errs.append("c_stages > 1 is written for the persistent TMA epilogue with one unit per tile "
+                        "(persistent=True, split_k=1, epilogue='tma')")
         if p["cluster_m"] > 1 and (p["persistent"] or p["split_k"] > 1):
             errs.append("cluster_m > 1 is written for one tile per CTA (persistent=False, split_k=1)")
         if p["cluster_m"] > 1 and p["tile_n"] // p["cluster_m"] < 8:
@@ -178,7 +185,7 @@ class FP8Gemm(Family):
 
     def smem_bytes(self, p):
         # (a swizzled tile wants 1024-byte alignment: it follows sA and sB, whose sizes are multiples of 1024)
-        epi = p["tile_m"] * p["tile_n"] * 2 + 128 if p["epilogue"] == "tma" else 0
+        epi = p["c_stages"] * p["tile_m"] * p["tile_n"] * 2 + 128 if p["epilogue"] == "tma" else 0
         return p["stages"] * (p["tile_m"] + p["tile_n"]) * TILE_K + 2 * 1024 + 16 * p["stages"] + 256 + epi
 
     def layout(self, p) -> ArgLayout:
@@ -257,7 +264,8 @@ class FP8Gemm(Family):
                 + ("" if p["scale_prefetch"] or p["overlap"] else "_nopf") + ("_persistent" if p["persistent"] else "")
                 + (f"_sk{p['split_k']}" if p["split_k"] > 1 else "") + ("_la" if p["scale_lookahead"] else "")
                 + ("_pp" if p["stagger"] else "") + (f"_cl{p['cluster_m']}" if p["cluster_m"] > 1 else "")
-                + (f"_fy{p['ffma_yield']}" if p["ffma_yield"] else "") + ("" if p["c_swizzle"] else "_cu"))
+                + (f"_fy{p['ffma_yield']}" if p["ffma_yield"] else "") + ("" if p["c_swizzle"] else "_cu")
+                + (f"_cb{p['c_stages']}" if p["c_stages"] > 1 else ""))
 
     def sass_patches(self, p):
         return ((f"ffma_yield:{p['ffma_yield']}",) if p["ffma_yield"] else ())
