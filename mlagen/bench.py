@@ -1,5 +1,11 @@
 """Benchmarks on a GPU host: CUDA events, warm-up, median of many, L2 flushed before every timed launch.
 
+The flush reads a 256 MB buffer (``MLAGEN_L2_FLUSH=read``, the default since session 9): the L2 then holds
+clean lines, and the timed launch pays only for its own traffic.  ``write`` (``zero_()``, what every row before
+then used, as ``triton.testing.do_bench`` does) leaves the L2 full of dirty lines that the timed launch has to
+write back: up to the L2's size (~50 MB on the H200) of someone else's writes, which shows on short,
+write-heavy kernels.  ``none`` times a warm L2.  Each row records the mode in ``l2_flush``.
+
 Each measurement becomes a row (see :func:`row`): family, kernel, impl (mlagen / torch_eager /
 torch_compile), params, shape, arch, device, commit, date, median/p10/p90 time, achieved GB/s,
 % of the device-copy bandwidth measured in the same run, TFLOP/s, speed-up over torch eager, and the
@@ -10,6 +16,7 @@ Needs torch (events, allocation, the comparison implementations); needs no CuTe 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Any, Callable, Mapping
@@ -20,14 +27,35 @@ from . import families, runtime
 from .env import git_commit, now_utc
 
 FLUSH_BYTES = 256 << 20
+FLUSH_MODES = ("read", "write", "none")
+
+
+def flush_mode() -> str:
+    """The L2 flush before each timed launch: $MLAGEN_L2_FLUSH (read, write or none; default read)."""
+    m = os.environ.get("MLAGEN_L2_FLUSH", "read").strip().lower()
+    if m not in FLUSH_MODES:
+        raise ValueError(f"MLAGEN_L2_FLUSH={m!r}: expected one of {', '.join(FLUSH_MODES)}")
+    return m
 
 
 class Timer:
-    def __init__(self, warmup: int = 10, reps: int = 50, flush: bool = True):
+    def __init__(self, warmup: int = 10, reps: int = 50, flush: bool | str = True):
         import torch
         self.torch = torch
         self.warmup, self.reps = warmup, reps
-        self.flush_buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda") if flush else None
+        self.mode = flush_mode() if flush is True else (flush or "none")
+        if self.mode not in FLUSH_MODES:
+            raise ValueError(f"flush={flush!r}: expected one of {', '.join(FLUSH_MODES)}")
+        self.flush_buf = None
+        if self.mode != "none":
+            self.flush_buf = torch.zeros(FLUSH_BYTES // 8, dtype=torch.int64, device="cuda")
+
+    def flush(self):
+        """Evict the previous launch's data from L2 (``read``: by reading 256 MB, so the lines left are clean)."""
+        if self.mode == "write":
+            self.flush_buf.zero_()
+        elif self.mode == "read":
+            self._sink = self.flush_buf.sum()
 
     def __call__(self, fn: Callable[[], Any]) -> dict:
         torch = self.torch
@@ -37,15 +65,15 @@ class Timer:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
         for i in range(self.reps):
-            if self.flush_buf is not None:
-                self.flush_buf.zero_()       # evict the previous launch's data from L2
+            self.flush()
             starts[i].record()
             fn()
             ends[i].record()
         torch.cuda.synchronize()
         ts = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))   # microseconds
         q = lambda f: ts[min(len(ts) - 1, int(f * len(ts)))]
-        return {"time_us": statistics.median(ts), "p10_us": q(0.1), "p90_us": q(0.9), "reps": len(ts)}
+        return {"time_us": statistics.median(ts), "p10_us": q(0.1), "p90_us": q(0.9), "reps": len(ts),
+                "l2_flush": self.mode}
 
 
 def measure_ceilings(reps: int = 20) -> dict:
@@ -188,7 +216,7 @@ def row(fam, kernel, impl, p, dims, shape, r, ceil, dev, commit, date, err, eage
         "bytes": nbytes, "gbps": nbytes / t / 1e9 if t > 0 else float("nan"),
         "ceiling_gbps": ceil.get("copy_gbps"), "tflops": flops / t / 1e12 if t > 0 else 0.0,
         "ceiling_bf16_tflops": ceil.get("bf16_tflops"),
-        "err_vs_torch_f32": err,
+        "err_vs_torch_f32": err, "l2_flush": r.get("l2_flush"),
     }
     d["pct_copy"] = 100.0 * d["gbps"] / d["ceiling_gbps"] if d["ceiling_gbps"] else float("nan")
     if eager_us:

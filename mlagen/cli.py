@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -489,6 +490,10 @@ def _bench_options(s, shape_help: str, shape_var: str, warmup: int, reps: int) -
     s.add_argument("--warmup", type=int, default=warmup, help=f"warm-up launches (default {warmup})")
     s.add_argument("--reps", type=int, default=reps, help=f"timed launches (default {reps})")
     s.add_argument("--no-torch", action="store_true", help="skip the torch baseline(s)")
+    s.add_argument("--l2-flush", choices=("read", "write", "none"), default=None,
+                   help="L2 flush before each timed launch: read a 256 MB buffer (clean lines; the default), "
+                        "write it (dirty lines the launch must write back; rows before session 9), or none "
+                        "(default: $MLAGEN_L2_FLUSH, else read)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -641,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help(sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "l2_flush", None):
+        os.environ["MLAGEN_L2_FLUSH"] = args.l2_flush     # every Timer of this process (mlagen.bench.flush_mode)
     try:
         return int(args.func(args) or 0)
     except ParamError as e:

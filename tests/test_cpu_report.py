@@ -182,3 +182,17 @@ def test_summary_of_test_outcomes():
     s = report.summary(df)
     assert "outcomes:" in s and "not passed (1):" in s and "t::b" in s and "t::a" not in s
     assert "all passed" in report.summary(df[df["outcome"] != "failed"])
+
+
+def test_l2_flush_mode_defaults_to_read_and_rejects_unknown(monkeypatch):
+    """Benchmarks flush L2 by reading (clean lines) unless told otherwise; the mode is checked before timing."""
+    from mlagen import bench, cli
+    monkeypatch.delenv("MLAGEN_L2_FLUSH", raising=False)
+    assert bench.flush_mode() == "read"
+    monkeypatch.setenv("MLAGEN_L2_FLUSH", "Write")
+    assert bench.flush_mode() == "write"
+    monkeypatch.setenv("MLAGEN_L2_FLUSH", "dirty")
+    with pytest.raises(ValueError, match="MLAGEN_L2_FLUSH"):
+        bench.flush_mode()
+    args = cli.build_parser().parse_args(["bench", "fp8_gemm", "--l2-flush", "none"])
+    assert args.l2_flush == "none"

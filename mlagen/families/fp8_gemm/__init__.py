@@ -144,7 +144,10 @@ class FP8Gemm(Family):
                 loop = (not (p["scale_lookahead"] or p["overlap"]), p["overlap"] != (K > 8192))
             else:
                 loop = (p["overlap"] != (K >= 4096), p["scale_lookahead"])
-            variant = (p["split_k"] > 1, p["cluster_m"] > 1, *loop, p["epilogue"] != "tma", not p["scale_prefetch"])
+            # two C tiles (c_stages=2) last: 0-7% slower on every shape on the H200 at 101232b (w_uk BMM 51.3
+            # against 53.7 us), never faster beyond that shape's noise
+            variant = (p["c_stages"] > 1, p["split_k"] > 1, p["cluster_m"] > 1, *loop, p["epilogue"] != "tma",
+                       not p["scale_prefetch"])
             # persistent CTAs when there are more than two waves of tiles and K is short enough for the
             # epilogue to matter (H100 rows at 13540cd: 1.30x at 1024x512x128 x128 heads, 1.12x at
             # 4096x24576x1536, 1.10x at 1024x128x512 x128; 0.93x at K=16384; even at one or two waves)
