@@ -1,10 +1,12 @@
 """Benchmarks on a GPU host: CUDA events, warm-up, median of many, L2 flushed before every timed launch.
 
-The flush reads a 256 MB buffer (``MLAGEN_L2_FLUSH=read``, the default since session 9): the L2 then holds
-clean lines, and the timed launch pays only for its own traffic.  ``write`` (``zero_()``, what every row before
-then used, as ``triton.testing.do_bench`` does) leaves the L2 full of dirty lines that the timed launch has to
-write back: up to the L2's size (~50 MB on the H200) of someone else's writes, which shows on short,
-write-heavy kernels.  ``none`` times a warm L2.  Each row records the mode in ``l2_flush``.
+The flush writes a 256 MB buffer (``zero_()``, as ``triton.testing.do_bench`` does; ``MLAGEN_L2_FLUSH=write``,
+the default, and what every row without an ``l2_flush`` value used).  That leaves the L2 full of dirty lines
+the timed launch has to write back, up to the L2's size (~50 MB on the H200) of someone else's writes.
+``read`` reads the buffer instead, so the lines left are clean.  ``none`` times a warm L2.  Each row records
+the mode in ``l2_flush``.  On the H200 (c6b2731) ``read`` made the memory-bound kernels 3-18% faster (bf16
+mla_decode H=16 B=64 x 1k 37.3 -> 30.9 us, the w_uv BMM at 1024 tokens 37.4 -> 34.2 us) but the fp8
+mla_decode 3-18% slower (33.6 -> 39.8 us), reproducibly and unexplained, so ``write`` stays the default.
 
 Each measurement becomes a row (see :func:`row`): family, kernel, impl (mlagen / torch_eager /
 torch_compile), params, shape, arch, device, commit, date, median/p10/p90 time, achieved GB/s,
@@ -27,12 +29,12 @@ from . import families, runtime
 from .env import git_commit, now_utc
 
 FLUSH_BYTES = 256 << 20
-FLUSH_MODES = ("read", "write", "none")
+FLUSH_MODES = ("write", "read", "none")
 
 
 def flush_mode() -> str:
-    """The L2 flush before each timed launch: $MLAGEN_L2_FLUSH (read, write or none; default read)."""
-    m = os.environ.get("MLAGEN_L2_FLUSH", "read").strip().lower()
+    """The L2 flush before each timed launch: $MLAGEN_L2_FLUSH (write, read or none; default write)."""
+    m = os.environ.get("MLAGEN_L2_FLUSH", "write").strip().lower()
     if m not in FLUSH_MODES:
         raise ValueError(f"MLAGEN_L2_FLUSH={m!r}: expected one of {', '.join(FLUSH_MODES)}")
     return m

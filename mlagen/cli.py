@@ -490,10 +490,9 @@ def _bench_options(s, shape_help: str, shape_var: str, warmup: int, reps: int) -
     s.add_argument("--warmup", type=int, default=warmup, help=f"warm-up launches (default {warmup})")
     s.add_argument("--reps", type=int, default=reps, help=f"timed launches (default {reps})")
     s.add_argument("--no-torch", action="store_true", help="skip the torch baseline(s)")
-    s.add_argument("--l2-flush", choices=("read", "write", "none"), default=None,
-                   help="L2 flush before each timed launch: read a 256 MB buffer (clean lines; the default), "
-                        "write it (dirty lines the launch must write back; rows before session 9), or none "
-                        "(default: $MLAGEN_L2_FLUSH, else read)")
+    s.add_argument("--l2-flush", choices=("write", "read", "none"), default=None,
+                   help="L2 flush before each timed launch: write a 256 MB buffer (dirty lines the launch must "
+                        "write back), read it (clean lines), or none (default: $MLAGEN_L2_FLUSH, else write)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -185,12 +185,13 @@ def test_summary_of_test_outcomes():
 
 
 def test_l2_flush_mode_defaults_to_read_and_rejects_unknown(monkeypatch):
-    """Benchmarks flush L2 by reading (clean lines) unless told otherwise; the mode is checked before timing."""
+    """Benchmarks flush L2 by writing (as every earlier row did) unless told otherwise; the mode is checked
+    before timing."""
     from mlagen import bench, cli
     monkeypatch.delenv("MLAGEN_L2_FLUSH", raising=False)
-    assert bench.flush_mode() == "read"
-    monkeypatch.setenv("MLAGEN_L2_FLUSH", "Write")
     assert bench.flush_mode() == "write"
+    monkeypatch.setenv("MLAGEN_L2_FLUSH", "Read")
+    assert bench.flush_mode() == "read"
     monkeypatch.setenv("MLAGEN_L2_FLUSH", "dirty")
     with pytest.raises(ValueError, match="MLAGEN_L2_FLUSH"):
         bench.flush_mode()
