@@ -79,6 +79,11 @@ TEST["fp8_gemm"] = [
     {"persistent": True, "c_stages": 2, "stagger": True, "scale_lookahead": True, "tile_n": 64, "stages": 6,
      "m_scale_granularity": 1, "n_scale_granularity": 1},
     {"tile_m": 192, "persistent": True, "c_stages": 2, "stages": 3},
+    # persistent 2-CTA clusters (M-neighbour tiles of one B tile, round after round)
+    {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "persistent": True, "cluster_m": 2},
+    {"persistent": True, "cluster_m": 2, "m_scale_granularity": 128, "n_scale_granularity": 128},
+    {"persistent": True, "cluster_m": 2, "overlap": True, "tile_n": 64, "m_scale_granularity": 1,
+     "n_scale_granularity": 1},
 ]
 
 TEST["act_quant_fp8"] = [{}, {"dtype": "f32"}, {"group": 64, "warps": 8}, {"dtype": "f16", "warps": 1}]
@@ -233,7 +238,14 @@ BENCH = {
             {"tile_m": 64, "tile_n": 128, "stages": 6},
             {"tile_m": 128, "tile_n": 128, "stages": 4},
             {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True},
-            {"tile_m": 192, "tile_n": 128, "stages": 3})],
+            {"tile_m": 192, "tile_n": 128, "stages": 3})] + [
+        # persistent 2-CTA clusters: half the B tile's L2 reads (the w_uk BMM re-reads each head's 64 KB of
+        # weights once per 64-token tile: ~128 of its ~320 MB of L2 traffic)
+        dict(kw, persistent=True, cluster_m=2) for kw in (
+            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
+            {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2},
+            {"tile_m": 128, "tile_n": 128, "stages": 4},
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True})],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))

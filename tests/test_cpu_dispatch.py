@@ -153,6 +153,13 @@ def test_fp8_gemm_cluster_geometry_and_launch_config(monkeypatch):
     assert fam.grid(p, dict(M=1, N=300, L=3)) == (2, 3, 3)
     assert fam.grid(p, dict(M=4096, N=7168, L=1)) == (32, 56, 1)
     assert fam.grid(p, dict(M=4097, N=7168, L=1)) == (34, 56, 1)
+    # persistent clusters: one wave in whole clusters (an odd SM count loses one CTA), never fewer than a cluster
+    pp = fam.validate(dict(cluster_m=2, persistent=True, tile_m=64, stages=3, ctas_per_sm=2))
+    assert fam.grid(pp, dict(M=1024, N=512, L=128, SMS=132)) == (264, 1, 1)
+    assert fam.grid(pp, dict(M=1024, N=512, L=128, SMS=131)) == (262, 1, 1)
+    assert fam.grid(pp, dict(M=1, N=128, L=1, SMS=132)) == (2, 1, 1)
+    with pytest.raises(ValueError, match="split_k=1"):
+        fam.validate(dict(cluster_m=2, persistent=True, split_k=2))
     drv = pytest.importorskip("cuda.bindings.driver")
     # the config is plain data: build it without cuInit (no driver here)
     monkeypatch.setattr(runtime, "_driver", lambda: drv)

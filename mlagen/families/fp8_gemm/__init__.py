@@ -93,8 +93,10 @@ class FP8Gemm(Family):
         if p["c_stages"] > 1 and not (p["persistent"] and p["split_k"] == 1 and p["epilogue"] == "tma"):
             errs.append("c_stages > 1 is written for the persistent TMA epilogue with one unit per tile "
                         "(persistent=True, split_k=1, epilogue='tma')")
-        if p["cluster_m"] > 1 and (p["persistent"] or p["split_k"] > 1):
-            errs.append("cluster_m > 1 is written for one tile per CTA (persistent=False, split_k=1)")
+        if p["cluster_m"] > 1 and p["split_k"] > 1:
+            # (persistent CTAs are fine: with an even grid, the two CTAs of a cluster take units u and u + 1,
+            # the M-neighbours that share a B tile, for the same number of rounds)
+            errs.append("cluster_m > 1 is written for one unit per output tile (split_k=1)")
         if p["cluster_m"] > 1 and p["tile_n"] // p["cluster_m"] < 8:
             errs.append(f"cluster_m={p['cluster_m']} splits the B tile's {p['tile_n']} rows below 8 per CTA")
         if p["stagger"] and p["tile_m"] != 128:
@@ -250,8 +252,10 @@ class FP8Gemm(Family):
         cm = p["cluster_m"]       # tile rows padded to whole clusters (the extra CTAs load zeros, store nothing)
         tiles = ((-(-dims["M"] // p["tile_m"]) + cm - 1) // cm * cm, -(-dims["N"] // p["tile_n"]), dims["L"])
         units = tiles[0] * tiles[1] * tiles[2] * p["split_k"]
-        if p["persistent"]:       # one wave: the SMs the runtime found (dims["SMS"]) x resident CTAs per SM
-            return (max(1, min(units, dims.get("SMS", 132) * p["ctas_per_sm"])), 1, 1)
+        if p["persistent"]:       # one wave: the SMs the runtime found (dims["SMS"]) x resident CTAs per SM,
+            # in whole clusters (units is a multiple of cm: tile rows are padded to whole clusters)
+            n = min(units, dims.get("SMS", 132) * p["ctas_per_sm"]) // cm * cm
+            return (max(cm, n), 1, 1)
         if p["split_k"] > 1:      # one CTA per (tile, split) unit
             return (units, 1, 1)
         return tiles
