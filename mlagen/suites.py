@@ -245,7 +245,11 @@ BENCH = {
             {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2},
             {"tile_m": 64, "tile_n": 64, "stages": 6, "ctas_per_sm": 2},
             {"tile_m": 128, "tile_n": 128, "stages": 4},
-            {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True})],
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True, "stagger": True},
+            {"tile_m": 128, "tile_n": 128, "stages": 5}, {"tile_m": 128, "tile_n": 128, "stages": 4, "scale_lookahead": True},
+            {"tile_m": 192, "tile_n": 128, "stages": 4}, {"tile_m": 192, "tile_n": 128, "stages": 3},
+            {"tile_m": 128, "tile_n": 128, "stages": 4, "overlap": True},
+            {"tile_m": 64, "tile_n": 128, "stages": 3, "ctas_per_sm": 2, "overlap": True})],
     "mla_decode": [
         {"num_heads": h, "q_len": q, "tile_n": tn, "stages": st}
         for h in (16, 128) for q in (1, 2) for tn, st in ((64, 2), (32, 4))
