@@ -148,12 +148,13 @@ class FP8Gemm(Family):
                 loop = (p["overlap"] != (K >= 4096), p["scale_lookahead"])
             # two C tiles (c_stages=2) last: 0-7% slower on every shape on the H200 at 101232b (w_uk BMM 51.3
             # against 53.7 us), never faster beyond that shape's noise.
-            # 2-CTA clusters: for large M and K <= 4096 persistent clusters with the serial mainloop come first
-            # (H200, 555cf0a: 306 / 120 us at 4096x24576x1536 / 4096x7168x2048, 1.17x / 1.13x cuBLAS, 7-9% over
-            # the same kernel without clusters and 2% over the lookahead + stagger one, which clusters slowed by
-            # 3-6%); elsewhere they come last (no gain on the BMMs, 10-30% slower at M=64, and one-tile-per-CTA
-            # clusters 15% slower at K=1536 at b96a94d)
-            if M >= 2048 and K <= 4096:
+            # 2-CTA clusters: for large M and K <= 8192 persistent clusters with the serial mainloop come first
+            # (H200, 555cf0a and its follow-up: 306 / 121 / 140 us at 4096x24576x1536 / 4096x7168x2048 /
+            # 4096x2112x7168 (192-row tiles), 1.18x / 1.12x / 0.89x cuBLAS, 3-9% over the same kernels without
+            # clusters; the lookahead (+ stagger) and overlapped kernels got slower with clusters; at K=16384 the
+            # 5-stage cluster kernel ties the lookahead + stagger one); elsewhere they come last (no gain on the
+            # BMMs, 10-30% slower at M=64, one-tile-per-CTA clusters 15% slower at K=1536 at b96a94d)
+            if M >= 2048 and K <= 8192:
                 clus = not (p["cluster_m"] > 1 and p["persistent"]
                             and not (p["scale_lookahead"] or p["overlap"] or p["stagger"]))
             else:
