@@ -89,7 +89,13 @@ def measure_ceilings(reps: int = 20) -> dict:
     t = Timer(warmup=3, reps=reps, flush=False)
     r = t(lambda: dst.copy_(src))
     out["copy_gbps"] = 2 * n / (r["time_us"] * 1e-6) / 1e9
-    del src, dst
+    # one-way ceilings, for kernels whose traffic is mostly reads (decode) or mostly writes (the K=128 BMM)
+    r = t(lambda: dst.fill_(7))
+    out["write_gbps"] = n / (r["time_us"] * 1e-6) / 1e9
+    words = src.view(torch.int64)
+    r = t(lambda: words.sum())
+    out["read_gbps"] = n / (r["time_us"] * 1e-6) / 1e9
+    del src, dst, words
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
@@ -250,7 +256,8 @@ def main_bench(args) -> int:
     shapes = [parse_shape(s) for s in (args.shape or [])] or None
     t0 = time.time()
     ceil = measure_ceilings()
-    print(f"ceilings on {ceil['device']}: copy {ceil['copy_gbps']:.0f} GB/s, bf16 {ceil['bf16_tflops']:.0f} TFLOP/s"
+    print(f"ceilings on {ceil['device']}: copy {ceil['copy_gbps']:.0f} GB/s (write only {ceil['write_gbps']:.0f}, "
+          f"read only {ceil['read_gbps']:.0f}), bf16 {ceil['bf16_tflops']:.0f} TFLOP/s"
           + (f", fp8 {ceil['fp8_tflops']:.0f} TFLOP/s" if "fp8_tflops" in ceil else ""))
     rows = fam.bench_rows(args.bundles, shapes, args, ceil)    # a family that times more than one kernel per call
     if rows is None:
