@@ -197,3 +197,29 @@ def test_l2_flush_mode_defaults_to_read_and_rejects_unknown(monkeypatch):
         bench.flush_mode()
     args = cli.build_parser().parse_args(["bench", "fp8_gemm", "--l2-flush", "none"])
     assert args.l2_flush == "none"
+
+
+def test_bench_row_memory_floor_from_the_one_way_ceilings():
+    """A row's floor: the family's written bytes at the write-only rate plus the rest at the read-only rate
+    (the w_uk BMM at 1024 tokens x 128 heads: 134 of 160 MB written, ~45.6 us on the H200's 3368 / 4380 GB/s)."""
+    from mlagen import bench, families
+    fam = families.get("fp8_gemm")
+    p = fam.validate({})
+    dims = dict(M=1024, N=512, K=128, L=128)
+    assert fam.bytes_written(p, dims) == 2 * 1024 * 512 * 128
+    ceil = dict(copy_gbps=4251.0, read_gbps=4380.0, write_gbps=3368.0, bf16_tflops=800.0)
+    r = dict(time_us=51.0, p10_us=50.0, p90_us=52.0, reps=30)
+    row = bench.row(fam, None, "mlagen", p, dims, {}, r, ceil, "dev", "c0ffee", "2026-12-03", 0.0)
+    assert abs(row["floor_us"] - 45.6) < 0.2
+    assert abs(row["pct_floor"] - 100 * row["floor_us"] / 51.0) < 1e-9
+    # without the one-way ceilings (rows before them) or a split, no floor
+    old = bench.row(fam, None, "mlagen", p, dims, {}, r, dict(copy_gbps=4251.0), "dev", "c", "d", 0.0)
+    assert "floor_us" not in old and old["pct_copy"] > 0
+    # every family's written bytes are a part of what it moves
+    for name, d in (("qk_rmsnorm", dict(M=4096)), ("rope_rmsnorm_quant", dict(T=512, B=512)),
+                    ("act_quant_fp8", dict(M=64, K=7168)), ("mla_decode", dict(B=64, C=4096, T=64 * 4096)),
+                    ("mla_combine", dict(B=64, NPART=4)), ("fp8_gemm", dims)):
+        f = families.get(name)
+        q = f.validate({})
+        w, total = f.bytes_written(q, d), f.bytes_moved(q, d)
+        assert 0 < w < total, (name, w, total)

@@ -157,6 +157,11 @@ class Family:
     def bytes_moved(self, p: dict, dims: Mapping[str, int]) -> int:
         return 0
 
+    def bytes_written(self, p: dict, dims: Mapping[str, int]) -> int | None:
+        """The part of :meth:`bytes_moved` that is written (None: not split).  With the one-way ceilings it
+        gives a memory floor, reads at the read-only rate plus writes at the write-only rate (bench.row)."""
+        return None
+
     def flops(self, p: dict, dims: Mapping[str, int]) -> int:
         return 0
 

@@ -85,6 +85,10 @@ class ActQuantFP8(Family):
         m, k = dims["M"], dims["K"]
         return m * k * (DTYPES[p["dtype"]].itemsize + 1) + 4 * m * (k // p["group"])
 
+    def bytes_written(self, p, dims):
+        m, k = dims["M"], dims["K"]
+        return m * k + 4 * m * (k // p["group"])
+
     def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
         m, k = int(dims["M"]), int(dims["K"])
         x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, (m, 1)))   # rows of very different scale

@@ -308,6 +308,9 @@ class FP8Gemm(Family):
         M, N, K, L = dims["M"], dims["N"], dims["K"], dims["L"]
         return L * (M * K + N * K + 2 * M * N + 4 * (-(-M // p["m_scale_granularity"]) + -(-N // p["n_scale_granularity"])) * (K // TILE_K))
 
+    def bytes_written(self, p, dims):
+        return 2 * dims["M"] * dims["N"] * dims["L"]
+
     def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
         """A and B quantised from random float32 by blocks (rows of A: 1 x 128 per gm rows; B: gn x 128)."""
         M, N, K, L = int(dims["M"]), int(dims["N"]), int(dims["K"]), int(dims.get("L", 1))

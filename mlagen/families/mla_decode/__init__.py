@@ -408,6 +408,9 @@ class MLADecodeFamily(Family):
         per_tok = D * 2 if p["cache_dtype"] == "bf16" else D + 4 * (D // p["quant_granularity"])
         return self.tokens(p, dims) * per_tok + dims["B"] * R * (D * 2 + DV * 2 + 4)
 
+    def bytes_written(self, p, dims):
+        return dims["B"] * p["num_heads"] * p["q_len"] * (DV * 2 + 4)      # O and the LSE
+
     def flops(self, p, dims):
         rows = p["num_heads"] * (1 if p["sparse"] else p["q_len"])
         return 2 * rows * self.tokens(p, dims) * (D + DV)

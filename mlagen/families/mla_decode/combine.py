@@ -121,6 +121,10 @@ class MLACombine(Family):
         out = DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)
         return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + out + 4)
 
+    def bytes_written(self, p, dims):
+        out = DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)
+        return dims["B"] * p["num_heads"] * p["q_len"] * (out + 4)
+
     def make_problem(self, p, dims, rng) -> Problem:
         """Random partials; some partitions empty (lse -inf, o_part NaN: an empty partition's values must
         never be read)."""

@@ -110,6 +110,9 @@ class QKRMSNorm(Family):
         n = p["nq"] + p["nk"]
         return m * n * (i + o) + m * 8 + n * 4
 
+    def bytes_written(self, p, dims):
+        return dims["M"] * (p["nq"] + p["nk"]) * DTYPES[p["out_dtype"]].itemsize
+
     def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
         m, nq, nk = dims["M"], p["nq"], p["nk"]
         q = round_to(rng.standard_normal((m, nq)) * 2.0, p["dtype"])

@@ -225,6 +225,13 @@ class RopeRMSNormQuant(Family):
             per_tok += 4 * self.nblocks(p)
         return T * per_tok + p["kv_lora_rank"] * DTYPES[p["gamma_dtype"]].itemsize
 
+    def bytes_written(self, p, dims):
+        h, r, d = p["num_heads"], p["rope_dim"], self.row(p)
+        per_tok = h * r * 2 + d * DTYPES[p["cache_dtype"]].itemsize          # q_rope out, the cache row
+        if p["cache_dtype"] == "f8e4m3":
+            per_tok += 4 * self.nblocks(p)
+        return dims["T"] * per_tok
+
     def make_problem(self, p, dims: Mapping[str, int], rng: np.random.Generator) -> Problem:
         """dims: B sequences, S max new tokens each (ragged 1..S unless uniform=1), C max cached tokens,
         L layers.  Pages are a random permutation; the cache starts as random garbage."""
