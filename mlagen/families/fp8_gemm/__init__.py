@@ -154,7 +154,7 @@ class FP8Gemm(Family):
             # clusters; the lookahead (+ stagger) and overlapped kernels got slower with clusters; at K=16384 the
             # 5-stage cluster kernel ties the lookahead + stagger one); elsewhere they come last (no gain on the
             # BMMs, 10-30% slower at M=64, one-tile-per-CTA clusters 15% slower at K=1536 at b96a94d)
-            if M >= 2048 and K <= 8192:
+            if M >= 2048 and K <= 8192 and L == 1:     # (measured on single GEMMs; the BMMs did not move)
                 clus = not (p["cluster_m"] > 1 and p["persistent"]
                             and not (p["scale_lookahead"] or p["overlap"] or p["stagger"]))
             else:
