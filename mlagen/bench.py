@@ -286,7 +286,7 @@ def _print_table(rows):
     if df.empty:
         return
     df = df.sort_values("time_us").groupby(["group", "shape", "impl"], as_index=False).first()
-    cols = ["shape", "impl", "kernel", "time_us", "gbps", "pct_copy", "speedup_vs_eager", "err_vs_torch_f32"]
+    cols = ["shape", "impl", "kernel", "time_us", "gbps", "pct_copy", "pct_floor", "speedup_vs_eager", "err_vs_torch_f32"]
     cols = [c for c in cols if c in df]
     with pd.option_context("display.width", 220, "display.max_colwidth", 60, "display.max_rows", 500):
         print(df[cols].to_string(index=False, float_format=lambda x: f"{x:.3g}"))
