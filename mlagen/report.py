@@ -553,7 +553,8 @@ def plot(df, out_png: str | os.PathLike, x: str = "M", y: str | None = None,
     for s in keep:
         p = pts[pts["_series"] == s].sort_values(x)
         ax.plot(p[x], p[y], marker="o", ms=3, lw=1.2, label=s)
-    if "ceiling_gbps" in d.columns and higher_is_better:
+    # the copy ceiling is a bandwidth: drawn on bandwidth plots only (not on a TFLOP/s axis)
+    if "ceiling_gbps" in d.columns and higher_is_better and y in BANDWIDTH_COLUMNS:
         ceil = pd.to_numeric(d["ceiling_gbps"], errors="coerce").dropna()
         if len(ceil):
             c = float(ceil.max())

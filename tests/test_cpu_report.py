@@ -223,3 +223,23 @@ def test_bench_row_memory_floor_from_the_one_way_ceilings():
         q = f.validate({})
         w, total = f.bytes_written(q, d), f.bytes_moved(q, d)
         assert 0 < w < total, (name, w, total)
+
+
+def test_plot_draws_the_copy_ceiling_on_bandwidth_axes_only(tmp_path, monkeypatch):
+    """The copy ceiling (GB/s) marks bandwidth plots; a TFLOP/s plot gets no GB/s line on its axis."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+    labels = []
+    orig = Axes.axhline
+
+    def spy(self, *a, **k):
+        labels.append(k.get("label"))
+        return orig(self, *a, **k)
+    monkeypatch.setattr(Axes, "axhline", spy)
+    df = pd.DataFrame([dict(r, tflops=r["gbps"] / 10.0) for r in _bench_rows()])
+    report.plot(df, tmp_path / "bw.png", y="gbps")
+    assert len(labels) == 1 and "copy ceiling" in labels[0]
+    report.plot(df, tmp_path / "tf.png", y="tflops")
+    assert len(labels) == 1
