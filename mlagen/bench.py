@@ -231,7 +231,8 @@ def row(fam, kernel, impl, p, dims, shape, r, ceil, dev, commit, date, err, eage
     d["pct_copy"] = 100.0 * d["gbps"] / d["ceiling_gbps"] if d["ceiling_gbps"] else float("nan")
     # the memory floor from the one-way ceilings: reads at the read-only rate, writes at the write-only rate
     # (a write-heavy kernel cannot reach the copy rate: writing alone runs at ~79% of it on the H200)
-    written = fam.bytes_written(p, dims)
+    split = getattr(fam, "bytes_written", None)          # (a composition such as the decode branch may not split)
+    written = split(p, dims) if split is not None else None
     if written is not None and ceil.get("read_gbps") and ceil.get("write_gbps") and t > 0:
         floor = (nbytes - written) / (ceil["read_gbps"] * 1e9) + written / (ceil["write_gbps"] * 1e9)
         d["floor_us"] = floor * 1e6

@@ -215,6 +215,11 @@ def test_bench_row_memory_floor_from_the_one_way_ceilings():
     # without the one-way ceilings (rows before them) or a split, no floor
     old = bench.row(fam, None, "mlagen", p, dims, {}, r, dict(copy_gbps=4251.0), "dev", "c", "d", 0.0)
     assert "floor_us" not in old and old["pct_copy"] > 0
+    # a composition without the split (the decode branch's spec) still gets its row, without a floor
+    from mlagen.decode_branch import BranchSpec
+    bp = dict(num_heads=16, q_len=1, page_size=64, cache_dtype="bf16", sparse=False, topk=2048)
+    brow = bench.row(BranchSpec(), None, "mlagen", bp, dict(B=4, C=1024), {}, r, ceil, "dev", "c", "d", 0.0)
+    assert "floor_us" not in brow and brow["gbps"] > 0
     # every family's written bytes are a part of what it moves
     for name, d in (("qk_rmsnorm", dict(M=4096)), ("rope_rmsnorm_quant", dict(T=512, B=512)),
                     ("act_quant_fp8", dict(M=64, K=7168)), ("mla_decode", dict(B=64, C=4096, T=64 * 4096)),
