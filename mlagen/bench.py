@@ -32,11 +32,12 @@ FLUSH_BYTES = 256 << 20
 FLUSH_MODES = ("write", "read", "none")
 
 
-def flush_mode() -> str:
-    """The L2 flush before each timed launch: $MLAGEN_L2_FLUSH (write, read or none; default write)."""
-    m = os.environ.get("MLAGEN_L2_FLUSH", "write").strip().lower()
+def flush_mode(mode: str | None = None) -> str:
+    """The L2 flush before each timed launch: ``mode``, else $MLAGEN_L2_FLUSH (write, read or none; default
+    write), checked."""
+    m = (mode if mode is not None else os.environ.get("MLAGEN_L2_FLUSH", "write")).strip().lower()
     if m not in FLUSH_MODES:
-        raise ValueError(f"MLAGEN_L2_FLUSH={m!r}: expected one of {', '.join(FLUSH_MODES)}")
+        raise ValueError(f"L2 flush {m!r} (MLAGEN_L2_FLUSH / --l2-flush): expected one of {', '.join(FLUSH_MODES)}")
     return m
 
 
@@ -45,9 +46,7 @@ class Timer:
         import torch
         self.torch = torch
         self.warmup, self.reps = warmup, reps
-        self.mode = flush_mode() if flush is True else (flush or "none")
-        if self.mode not in FLUSH_MODES:
-            raise ValueError(f"flush={flush!r}: expected one of {', '.join(FLUSH_MODES)}")
+        self.mode = flush_mode() if flush is True else flush_mode(flush or "none")
         self.flush_buf = None
         if self.mode != "none":
             self.flush_buf = torch.zeros(FLUSH_BYTES // 8, dtype=torch.int64, device="cuda")

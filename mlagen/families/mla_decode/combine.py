@@ -116,14 +116,17 @@ class MLACombine(Family):
     def template_context(self, p, arch):
         return dict(p, fp8_out=p["out_dtype"] == "f8e4m3", qblock=QBLOCK)
 
+    @staticmethod
+    def _out_row_bytes(p):
+        """One merged output row and its LSE: bf16, or fp8 codes with their 1 x QBLOCK scales."""
+        return (DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)) + 4
+
     def bytes_moved(self, p, dims):
         R = p["num_heads"] * p["q_len"]
-        out = DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)
-        return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + out + 4)
+        return dims["B"] * R * (dims["NPART"] * (DV * 4 + 4) + self._out_row_bytes(p))
 
     def bytes_written(self, p, dims):
-        out = DV * 2 if p["out_dtype"] == "bf16" else DV + 4 * (DV // QBLOCK)
-        return dims["B"] * p["num_heads"] * p["q_len"] * (out + 4)
+        return dims["B"] * p["num_heads"] * p["q_len"] * self._out_row_bytes(p)
 
     def make_problem(self, p, dims, rng) -> Problem:
         """Random partials; some partitions empty (lse -inf, o_part NaN: an empty partition's values must
