@@ -88,6 +88,12 @@ class MLADecodeFamily(Family):
                   "warpgroup 0 dequantises), or 1 (warpgroup 2 computes all of S^T and O^T with no partial-sum "
                   "exchange while warpgroups 0 and 1 both dequantise the next tile: twice the dequantisation "
                   "threads, and MMAs that overlap it)"),
+        Param("dq_regs", False,
+              doc="fp8 cache, transposed: no f16 tile. The MMA warps read the codes straight from 128-byte-swizzled "
+                  "TMA stages into registers (one conflict-free 8-byte load per 8 codes), dequantise them there and "
+                  "multiply with register-A wgmma: K as S^T's A operand (dims permuted within 32-dim chunks, Q "
+                  "alike), V^T as O^T's (each thread 8 consecutive value dims); stages are freed by per-stage "
+                  "'empty' mbarriers as soon as they are read, and warpgroup 0 only issues loads"),
         Param("s_chains", 1, choices=(1, 2, 4),
               doc="wgmma: independent accumulators that S's (S^T's) 36 k steps round-robin over, summed afterwards. "
                   "Each 64 x 16 or 64 x 32 x 16 step is a few cycles of tensor math, so one accumulator makes a "
@@ -116,6 +122,8 @@ class MLADecodeFamily(Family):
             given.setdefault("tile_n", 64)
             val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
             rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
+            if val("dq_regs"):
+                given.setdefault("stages", 4)     # no f16 tile: room for more code stages
             given.setdefault("stages", 3 if val("transposed") and rows <= 16 and not val("dq_producer") else 2)
             if val("mma_warpgroups") == 1:
                 given.setdefault("dq_batch", 3)      # 9 pieces per thread per half tile over 256 threads
@@ -127,6 +135,9 @@ class MLADecodeFamily(Family):
             p["dq_batch"] = self.param("dq_batch").default          # unused without an fp8 cache
             p["dq_producer"] = False
             p["mma_warpgroups"] = 2
+            p["dq_regs"] = False
+        if p["dq_regs"]:
+            p["dq_batch"] = self.param("dq_batch").default          # no dequantisation pass to batch
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -185,6 +196,14 @@ class MLADecodeFamily(Family):
             if acc > cap:
                 errs.append(f"s_chains={p['s_chains']}: O and the S chains take {acc} accumulator registers per MMA "
                             f"thread, over the {cap} this kernel holds without spilling")
+        if p["dq_regs"]:
+            if not (p["cache_dtype"] == "f8e4m3" and p["transposed"]):
+                errs.append("dq_regs=True is written for an fp8 cache with the transposed kernel")
+            if p["dq_producer"] or p["mma_warpgroups"] != 2 or p["s_chains"] != 1:
+                errs.append("dq_regs=True takes the two MMA warpgroups with one S accumulator and no dq_producer")
+            if self.rows_per_cta(p) > 16:
+                errs.append(f"dq_regs=True takes at most 16 query rows per CTA (with 32, K's 72 A registers beside O^T's "
+                            f"64 accumulators spill); got {self.rows_per_cta(p)}")
         if p["mma_warpgroups"] == 1 and not p["dq_producer"]:
             errs.append("mma_warpgroups=1 needs dq_producer=True (the warpgroups that do not multiply dequantise)")
         if p["transposed"]:
@@ -243,7 +262,7 @@ class MLADecodeFamily(Family):
         else:
             # one dequantised f16 tile, and per stage of half a tile: the codes in 5 x 128-byte boxes per token
             # (TMA destinations must be 128-byte aligned), their float32 scales and the rows' cache slots
-            kv = (2 if p["dq_producer"] else 1) * tn * D * 2 + p["stages"] * self.load_tile(p) * (
+            kv = (0 if p["dq_regs"] else 2 if p["dq_producer"] else 1) * tn * D * 2 + p["stages"] * self.load_tile(p) * (
                 640 + 4 * (D // p["quant_granularity"]) + 4)
         qr = self.rows_per_cta(p)
         # transposed: the partial S^T exchange and the column statistics, padded to the 1024-byte alignment of
@@ -279,7 +298,9 @@ class MLADecodeFamily(Family):
             Sym("sxb", 64, 1, "lse_part batch stride"),
         ]}
         rbx = self.rows_per_box(p)
-        sw = 128 if p["cache_dtype"] == "bf16" else 0      # fp8 stages are unswizzled (dequantised by threads)
+        # fp8 stages are unswizzled (dequantised by all threads, row-contiguous reads) except with dq_regs (the MMA
+        # threads read 8 codes of 8 rows at once: the 128-byte swizzle spreads them over the banks)
+        sw = 128 if p["cache_dtype"] == "bf16" or p["dq_regs"] else 0
         cw = 64 if p["cache_dtype"] == "bf16" else 128     # 128-byte boxes
         args = [
             TensorArg("q", "bf16", (qr, D, "QB"), ("sqr", 1, "sqb"), 16, "in",
@@ -347,7 +368,7 @@ class MLADecodeFamily(Family):
                 + ("" if p["causal"] else "_nocausal") + ("_sink" if p["attn_sink"] else "")
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else "")
-                + ("_mwg1" if p["mma_warpgroups"] == 1 else "")
+                + ("_mwg1" if p["mma_warpgroups"] == 1 else "") + ("_dqr" if p["dq_regs"] else "")
                 + (f"_sc{p['s_chains']}" if p["s_chains"] != 1 else ""))
 
     def scalar_default(self, p, name):
