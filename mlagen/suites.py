@@ -147,6 +147,19 @@ TEST["mla_decode"] = [
      "attn_sink": True, "transposed": True, "dq_regs": True},
     {"cache_dtype": "f8e4m3", "quant_granularity": 32, "num_heads": 16, "page_size": 128, "transposed": True,
      "dq_regs": True, "stages": 8},
+    # ... with the two MMA warpgroups on alternate whole tiles (pingpong)
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
+     "pingpong": True},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
+     "pingpong": True, "k_chunk": 12, "stages": 4},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
+     "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12, "stages": 2},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
+     "dq_regs": True, "pingpong": True, "k_chunk": 4, "stages": 6},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 16, "page_loads": False, "transposed": True,
+     "dq_regs": True, "pingpong": True, "stages": 2},
+    {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
+     "attn_sink": True, "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12},
     # several independent S accumulators (s_chains)
     {"num_heads": 128, "q_len": 2, "s_chains": 2},
     {"num_heads": 64, "sparse": True, "topk": 256, "attn_sink": True, "s_chains": 2},
@@ -285,6 +298,9 @@ BENCH = {
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
          "stages": st} for st in (3, 4, 6, 8)
+    ] + [
+        {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
+         "pingpong": True, "k_chunk": kc, "stages": st} for kc in (6, 12) for st in (6, 8)
     ] + [
         # independent S accumulators
         {"num_heads": 128, "q_len": q, "tile_n": 64, "stages": 2, "s_chains": 2} for q in (1, 2)

@@ -108,6 +108,11 @@ def _check_mla_decode(b, m, ptx):
         # known: at the 168-register launch cap ptxas keeps some mma.sync fragments on the stack (the warpgroup
         # MMA reads its operands from shared memory and has none); no local arrays
         assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 1024
+    elif p.get("pingpong"):
+        # known: with two K and two V^T register chunks beside O's 64 accumulators ptxas keeps up to ~24 loop
+        # invariants (addresses, column state) on a <= 96-byte stack, read a few times per tile (the GPU tests pass,
+        # and k_chunk 12 at 6 stages has none); no local arrays
+        assert m["resources"].get("local_bytes", 0) == 0 and m["resources"].get("stack_bytes", 0) <= 96
     elif fp8:
         # known: ptxas keeps one 4-byte value on an 8-byte stack frame across warpgroup 0's setmaxnreg (one STL at
         # entry, a few LDL); no local arrays, no spills in the loops
@@ -134,6 +139,8 @@ def _check_mla_decode(b, m, ptx):
         assert "gather4" not in ptx
     # warpgroup 0 dequantises fp8 (with one MMA warpgroup, warpgroups 0 and 1: 2 x 152 + 200 <= 3 x 168)
     regs = ((96 if p["mma_warpgroups"] == 2 else 152), 200) if p["cache_dtype"] == "f8e4m3" else (40, 232)
+    if p.get("dq_regs"):
+        regs = (56, 224)      # warpgroup 0 only issues loads; the MMA threads hold K and V^T as register A values
     assert (f"setmaxnreg.dec.sync.aligned.u32 \t{regs[0]};" in ptx
             and f"setmaxnreg.inc.sync.aligned.u32 \t{regs[1]};" in ptx)
     assert "ex2.approx" in ptx and "shfl.sync.bfly" in ptx, "online softmax"
@@ -153,6 +160,12 @@ def _check_mla_decode(b, m, ptx):
             if p["mma_warpgroups"] == 1:
                 # one warpgroup issues all of a tile's MMAs once: 36 k steps of S^T, 8 value blocks x 4 of O^T
                 assert len(re.findall(rf"HGMMA\.64x{rows}x16\.F32", sass)) == 36 + 32, "one MMA warpgroup"
+            if p.get("dq_regs"):
+                # register-A wgmmas: K for S^T, V^T for O^T (pingpong: each warpgroup's code issues all 36 + 32;
+                # else the two static halves of S^T, 18 + 18, and one warpgroup's 4 value blocks x 4 of O^T)
+                n = len(re.findall(rf"HGMMA\.64x{rows}x16\.F32 R\d+, R\d+, gdesc", sass))
+                assert n == (36 + 32 if p["pingpong"] else 18 + 18 + 16), f"{n} register-A HGMMAs"
+                assert "cp.async.mbarrier.arrive.noinc.shared" in ptx, "scales' cp.async tied to the stage mbarrier"
         else:
             assert re.search(r"HGMMA\.64x256x16\.F32" + ty, sass), "O += P V, 256 value dims per warpgroup"
             assert re.search(rf"HGMMA\.64x{p['tile_n'] // 2}x16\.F32" + ty, sass), "S = Q K^T, half the tile each"

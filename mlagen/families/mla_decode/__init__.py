@@ -94,6 +94,12 @@ class MLADecodeFamily(Family):
                   "multiply with register-A wgmma: K as S^T's A operand (dims permuted within 32-dim chunks, Q "
                   "alike), V^T as O^T's (each thread 8 consecutive value dims); stages are freed by per-stage "
                   "'empty' mbarriers as soon as they are read, and warpgroup 0 only issues loads"),
+        Param("pingpong", False,
+              doc="dq_regs: the two MMA warpgroups take alternate tiles whole (S^T over all 576 dims, O^T over all 512 "
+                  "value dims, each its own online softmax), so neither waits for the other inside the loop; K's and "
+                  "V^T's register A values go through two chunk buffers each; the partial results merge through shared "
+                  "memory at the end"),
+        Param("k_chunk", 6, choices=(4, 6, 12), doc="pingpong: S^T k steps per register chunk of K (two buffers)"),
         Param("s_chains", 1, choices=(1, 2, 4),
               doc="wgmma: independent accumulators that S's (S^T's) 36 k steps round-robin over, summed afterwards. "
                   "Each 64 x 16 or 64 x 32 x 16 step is a few cycles of tensor math, so one accumulator makes a "
@@ -123,7 +129,7 @@ class MLADecodeFamily(Family):
             val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
             rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
             if val("dq_regs"):
-                given.setdefault("stages", 4)     # no f16 tile: room for more code stages
+                given.setdefault("stages", 6 if val("pingpong") else 4)     # no f16 tile: room for more code stages
             given.setdefault("stages", 3 if val("transposed") and rows <= 16 and not val("dq_producer") else 2)
             if val("mma_warpgroups") == 1:
                 given.setdefault("dq_batch", 3)      # 9 pieces per thread per half tile over 256 threads
@@ -138,6 +144,10 @@ class MLADecodeFamily(Family):
             p["dq_regs"] = False
         if p["dq_regs"]:
             p["dq_batch"] = self.param("dq_batch").default          # no dequantisation pass to batch
+        else:
+            p["pingpong"] = False
+        if not p["pingpong"]:
+            p["k_chunk"] = self.param("k_chunk").default
         if p["q_len"] == 1:
             p["causal"] = True          # no effect: one bundle per distinct kernel
         if p["sparse"] or not self._pages_fit(p):
@@ -201,6 +211,9 @@ class MLADecodeFamily(Family):
                 errs.append("dq_regs=True is written for an fp8 cache with the transposed kernel")
             if p["dq_producer"] or p["mma_warpgroups"] != 2 or p["s_chains"] != 1:
                 errs.append("dq_regs=True takes the two MMA warpgroups with one S accumulator and no dq_producer")
+            if p["pingpong"] and p["stages"] % 2:
+                errs.append(f"pingpong=True needs an even number of stages (whole tiles in the ring, so a warpgroup's "
+                            f"stage waits never run two phases ahead); got {p['stages']}")
             if self.rows_per_cta(p) > 16:
                 errs.append(f"dq_regs=True takes at most 16 query rows per CTA (with 32, K's 72 A registers beside O^T's "
                             f"64 accumulators spill); got {self.rows_per_cta(p)}")
@@ -268,9 +281,9 @@ class MLADecodeFamily(Family):
         # transposed: the partial S^T exchange and the column statistics, padded to the 1024-byte alignment of
         # what follows (an fp8 kernel's code stages)
         # (one MMA warpgroup exchanges no partial sums)
-        xs = 512 * qr if p["mma_warpgroups"] == 2 else 0
+        xs = 512 * qr if p["mma_warpgroups"] == 2 and not p["pingpong"] else 0
         extra = -(-(xs + 32 * qr) // 1024) * 1024 if p["transposed"] else 0
-        return 1024 + qr * D * 2 + kv + qr * tn * 2 + extra
+        return 1024 + qr * D * 2 + kv + (2 if p["pingpong"] else 1) * qr * tn * 2 + extra
 
     def smem_carveout(self, p):
         return 100
@@ -369,6 +382,7 @@ class MLADecodeFamily(Family):
                 + f"_n{p['tile_n']}_s{p['stages']}" + ("" if p["page_loads"] else "_rows")
                 + (f"_dq{p['dq_batch']}" if p["dq_batch"] != 6 else "") + ("_dqp" if p["dq_producer"] else "")
                 + ("_mwg1" if p["mma_warpgroups"] == 1 else "") + ("_dqr" if p["dq_regs"] else "")
+                + (f"_pp{p['k_chunk']}" if p["pingpong"] else "")
                 + (f"_sc{p['s_chains']}" if p["s_chains"] != 1 else ""))
 
     def scalar_default(self, p, name):
