@@ -153,11 +153,11 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
      "pingpong": True, "k_chunk": 12, "stages": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
-     "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12, "stages": 2},
+     "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12, "stages": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
      "dq_regs": True, "pingpong": True, "k_chunk": 4, "stages": 6},
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 16, "page_loads": False, "transposed": True,
-     "dq_regs": True, "pingpong": True, "stages": 2},
+     "dq_regs": True, "pingpong": True, "stages": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
      "attn_sink": True, "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12},
     # several independent S accumulators (s_chains)

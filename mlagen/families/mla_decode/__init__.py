@@ -211,9 +211,10 @@ class MLADecodeFamily(Family):
                 errs.append("dq_regs=True is written for an fp8 cache with the transposed kernel")
             if p["dq_producer"] or p["mma_warpgroups"] != 2 or p["s_chains"] != 1:
                 errs.append("dq_regs=True takes the two MMA warpgroups with one S accumulator and no dq_producer")
-            if p["pingpong"] and p["stages"] % 2:
-                errs.append(f"pingpong=True needs an even number of stages (whole tiles in the ring, so a warpgroup's "
-                            f"stage waits never run two phases ahead); got {p['stages']}")
+            if p["pingpong"] and (p["stages"] % 2 or p["stages"] < 4):
+                errs.append(f"pingpong=True needs an even number of stages, at least 4 (whole tiles in the ring, so a "
+                            f"warpgroup's stage waits never run two phases ahead; 2 stages hung on the H200); got "
+                            f"{p['stages']}")
             if self.rows_per_cta(p) > 16:
                 errs.append(f"dq_regs=True takes at most 16 query rows per CTA (with 32, K's 72 A registers beside O^T's "
                             f"64 accumulators spill); got {self.rows_per_cta(p)}")
