@@ -155,7 +155,7 @@ TEST["mla_decode"] = [
     {"cache_dtype": "f8e4m3", "quant_granularity": 16, "num_heads": 16, "page_size": 16, "attn_sink": True,
      "transposed": True, "dq_regs": True, "pingpong": True, "k_chunk": 12, "stages": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 576, "num_heads": 16, "page_size": 1, "transposed": True,
-     "dq_regs": True, "pingpong": True, "k_chunk": 4, "stages": 6},
+     "dq_regs": True, "pingpong": True, "k_chunk": 4, "stages": 8},
     {"cache_dtype": "f8e4m3", "quant_granularity": 8, "num_heads": 16, "page_loads": False, "transposed": True,
      "dq_regs": True, "pingpong": True, "stages": 4},
     {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "q_len": 2, "sparse": True, "topk": 128,
@@ -300,7 +300,7 @@ BENCH = {
          "stages": st} for st in (3, 4, 6, 8)
     ] + [
         {"cache_dtype": "f8e4m3", "quant_granularity": 64, "num_heads": 16, "transposed": True, "dq_regs": True,
-         "pingpong": True, "k_chunk": kc, "stages": st} for kc in (6, 12) for st in (6, 8)
+         "pingpong": True, "k_chunk": kc, "stages": st} for kc in (6, 12) for st in (4, 8)
     ] + [
         # independent S accumulators
         {"num_heads": 128, "q_len": q, "tile_n": 64, "stages": 2, "s_chains": 2} for q in (1, 2)

@@ -129,7 +129,7 @@ class MLADecodeFamily(Family):
             val = lambda n: self.param(n).coerce(given.get(n, self.param(n).default))     # CLI values are strings
             rows = val("num_heads") * (1 if val("sparse") else val("q_len"))
             if val("dq_regs"):
-                given.setdefault("stages", 6 if val("pingpong") else 4)     # no f16 tile: room for more code stages
+                given.setdefault("stages", 8 if val("pingpong") else 4)     # no f16 tile: room for more code stages
             given.setdefault("stages", 3 if val("transposed") and rows <= 16 and not val("dq_producer") else 2)
             if val("mma_warpgroups") == 1:
                 given.setdefault("dq_batch", 3)      # 9 pieces per thread per half tile over 256 threads
@@ -211,10 +211,10 @@ class MLADecodeFamily(Family):
                 errs.append("dq_regs=True is written for an fp8 cache with the transposed kernel")
             if p["dq_producer"] or p["mma_warpgroups"] != 2 or p["s_chains"] != 1:
                 errs.append("dq_regs=True takes the two MMA warpgroups with one S accumulator and no dq_producer")
-            if p["pingpong"] and (p["stages"] % 2 or p["stages"] < 4):
-                errs.append(f"pingpong=True needs an even number of stages, at least 4 (whole tiles in the ring, so a "
-                            f"warpgroup's stage waits never run two phases ahead; 2 stages hung on the H200); got "
-                            f"{p['stages']}")
+            if p["pingpong"] and p["stages"] % 4:
+                errs.append(f"pingpong=True needs stages 4 or 8: each warpgroup then owns its code stages, so its parity "
+                            f"waits never run two phases ahead (2, 3 and 6 stages share them; on the H200 they gave wrong "
+                            f"results or hung); got {p['stages']}")
             if self.rows_per_cta(p) > 16:
                 errs.append(f"dq_regs=True takes at most 16 query rows per CTA (with 32, K's 72 A registers beside O^T's "
                             f"64 accumulators spill); got {self.rows_per_cta(p)}")
