@@ -31,7 +31,10 @@ wgmma) builds ``mma="warp"`` (mma.sync on ldmatrix fragments) and ``row_loads="g
 per TMA gather4, through a 2-d map of the layer).  ``transposed=True`` (16-64 query rows per CTA) computes
 ``S^T = K Q^T`` and ``O^T = V^T P^T`` instead: the 64 tokens and the value dims are the wgmma's M and a sequence's
 query rows its N, the two MMA warpgroups split the 576 dims of S^T and exchange the partial sums through shared
-memory, then each accumulates O^T for 256 value dims.
+memory, then each accumulates O^T for 256 value dims.  With an fp8 cache and 16 query rows, ``dq_regs=True``
+drops the f16 tile: the MMA threads read the codes from 128-byte-swizzled stages into registers, dequantise them
+there and feed register-A wgmma (K for S^T, V^T for O^T), and ``pingpong=True`` on top gives each MMA warpgroup
+alternate whole tiles with its own softmax, merged at the end (README: "Codes straight into registers").
 """
 from __future__ import annotations
 
